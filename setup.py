@@ -1,0 +1,31 @@
+"""ament_python build of speculative_av; executables land in lib/speculative_av/."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = 'speculative_av'
+
+setup(
+    name=PACKAGE,
+    version='0.1.0',
+    packages=find_packages(exclude=['test', 'test.*']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
+        (f'share/{PACKAGE}', ['package.xml']),
+        (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
+        (f'share/{PACKAGE}/config', glob('config/*')),
+        (f'share/{PACKAGE}/protos', glob('protos/*.proto')),
+    ],
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='speculative_av developers',
+    maintainer_email='speculative-av@example.org',
+    description='Speculative cloud execution for ROS 2 camera perception.',
+    license='Apache-2.0',
+    tests_require=['pytest'],
+    entry_points={
+        'console_scripts': [
+            'synthetic_camera = speculative_av.ros.synthetic_camera:main',
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""ROS 2 adapters: nodes, image conversion and message building."""
