@@ -1,0 +1,1 @@
+"""Speculation logic free of ROS and gRPC, testable with an injected clock."""

@@ -1,0 +1,245 @@
+"""Per-frame arbitration between detection sources racing a deadline.
+
+The policy of speculative cloud execution (Schafhalter et al., IROS 2023), not "first one wins":
+
+* every source has a priority (by default the more accurate cloud above the local detector);
+* a frame's fused result is final as soon as no source that could still arrive outranks the best
+  result in hand, or when the deadline passes; at the deadline the best arrived result wins;
+* if nothing has arrived by the deadline, the first result to arrive afterwards wins, marked
+  late; if every source failed, the frame resolves with no winner (empty, so planning still gets
+  exactly one message per frame);
+* decisions are released in stamp order per camera, exactly once per opened frame;
+* a pending source that can no longer win is reported for cancellation when it is cancellable.
+
+Pure logic: callers pass the time (nanoseconds on one clock) into every call and serialise calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from speculative_av.core.detections import Detections
+
+
+@dataclass(frozen=True)
+class Source:
+    """A detection source: higher ``priority`` means more trusted when both arrive in time."""
+
+    name: str
+    priority: int
+    cancellable: bool = True  # remote calls can be cancelled; local inference runs to the end
+
+
+class SourceState(str, Enum):
+    """What became of one source's attempt at one frame."""
+
+    PENDING = 'pending'
+    ARRIVED = 'arrived'
+    FAILED = 'failed'
+    CANCELLED = 'cancelled'
+
+
+@dataclass
+class SourceAttempt:
+    """One source's attempt at one frame."""
+
+    source: Source
+    state: SourceState = SourceState.PENDING
+    detections: Detections | None = None
+    finished_ns: int | None = None
+    error: str = ''
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class FrameKey:
+    """Identifies a frame: its camera and its position in that camera's sequence."""
+
+    camera: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The fused result of one frame, released in stamp order."""
+
+    key: FrameKey
+    stamp_ns: int
+    deadline_ns: int
+    winner: str | None  # source name; None when every source failed
+    detections: Detections
+    decided_ns: int
+    released_ns: int
+    late: bool  # decided after the deadline because nothing had arrived by then
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """Everything known about a frame once every source has finished; for stats and logs."""
+
+    key: FrameKey
+    stamp_ns: int
+    start_ns: int
+    deadline_ns: int
+    decision: Decision
+    attempts: dict[str, SourceAttempt]
+
+    def latency_ms(self, source: str) -> float | None:
+        """Return how long ``source`` took from the frame's start, or None if it never arrived."""
+        attempt = self.attempts.get(source)
+        if attempt is None or attempt.state is not SourceState.ARRIVED:
+            return None
+        assert attempt.finished_ns is not None
+        return (attempt.finished_ns - self.start_ns) / 1e6
+
+    def missed_deadline(self, source: str) -> bool:
+        """Return whether ``source`` was tried and had nothing by the deadline."""
+        attempt = self.attempts[source]
+        return (attempt.state is not SourceState.ARRIVED
+                or attempt.finished_ns is None or attempt.finished_ns > self.deadline_ns)
+
+
+@dataclass
+class Outcome:
+    """What a caller must do after an arbiter call."""
+
+    decisions: list[Decision] = field(default_factory=list)  # publish these, in this order
+    cancel: list[tuple[FrameKey, str]] = field(default_factory=list)  # cancel these calls
+    settled: list[FrameRecord] = field(default_factory=list)  # frames now fully resolved
+
+    def extend(self, other: Outcome) -> None:
+        """Append ``other``'s actions after this one's."""
+        self.decisions += other.decisions
+        self.cancel += other.cancel
+        self.settled += other.settled
+
+
+@dataclass
+class _Race:
+    key: FrameKey
+    stamp_ns: int
+    start_ns: int
+    deadline_ns: int
+    attempts: dict[str, SourceAttempt]
+    decided: tuple[str | None, Detections, int, bool] | None = None  # winner, dets, when, late
+    released: Decision | None = None
+
+    def best_arrived(self) -> SourceAttempt | None:
+        arrived = [a for a in self.attempts.values() if a.state is SourceState.ARRIVED]
+        return max(arrived, key=lambda a: a.source.priority, default=None)
+
+    def pending(self) -> list[SourceAttempt]:
+        return [a for a in self.attempts.values() if a.state is SourceState.PENDING]
+
+
+class Arbiter:
+    """Runs the race of every open frame and releases fused decisions in stamp order."""
+
+    def __init__(self) -> None:
+        """Start with no open frames."""
+        self._races: dict[FrameKey, _Race] = {}
+        self._unreleased: dict[str, list[FrameKey]] = {}  # per camera, in stamp order
+        self._next_seq: dict[str, int] = {}
+        self._last_stamp: dict[str, int] = {}
+
+    def open(self, camera: str, stamp_ns: int, start_ns: int, deadline_ns: int,
+             sources: list[Source]) -> FrameKey | None:
+        """Start a frame's race; None if its stamp is not newer than the camera's last frame."""
+        if not sources:
+            raise ValueError('a frame needs at least one source')
+        if stamp_ns <= self._last_stamp.get(camera, -1):
+            return None
+        self._last_stamp[camera] = stamp_ns
+        seq = self._next_seq.get(camera, 0)
+        self._next_seq[camera] = seq + 1
+        key = FrameKey(camera, seq)
+        self._races[key] = _Race(key, stamp_ns, start_ns, deadline_ns,
+                                 {s.name: SourceAttempt(s) for s in sources})
+        self._unreleased.setdefault(camera, []).append(key)
+        return key
+
+    def arrive(self, key: FrameKey, source: str, detections: Detections,
+               now_ns: int) -> Outcome:
+        """Record ``source``'s result for ``key`` (a result for a settled frame is ignored)."""
+        return self._finish(key, source, SourceState.ARRIVED, now_ns, detections=detections)
+
+    def fail(self, key: FrameKey, source: str, now_ns: int, error: str) -> Outcome:
+        """Record that ``source`` will not deliver a result for ``key``."""
+        return self._finish(key, source, SourceState.FAILED, now_ns, error=error)
+
+    def cancelled(self, key: FrameKey, source: str, now_ns: int) -> Outcome:
+        """Record that a call the arbiter asked to cancel has ended."""
+        return self._finish(key, source, SourceState.CANCELLED, now_ns, error='cancelled')
+
+    def tick(self, now_ns: int) -> Outcome:
+        """Apply deadlines that have passed by ``now_ns``."""
+        outcome = Outcome()
+        for race in [r for r in self._races.values()
+                     if r.decided is None and r.deadline_ns <= now_ns]:
+            outcome.extend(self._evaluate(race, now_ns))
+        return outcome
+
+    def next_deadline_ns(self) -> int | None:
+        """Return the earliest deadline of an undecided frame, for the caller's timer."""
+        return min((r.deadline_ns for r in self._races.values() if r.decided is None),
+                   default=None)
+
+    def is_pending(self, key: FrameKey, source: str) -> bool:
+        """Return whether ``source`` may still deliver a result that counts for ``key``."""
+        race = self._races.get(key)
+        return race is not None and race.attempts[source].state is SourceState.PENDING
+
+    def open_frames(self) -> int:
+        """Return the number of frames not yet fully resolved."""
+        return len(self._races)
+
+    def _finish(self, key: FrameKey, source: str, state: SourceState, now_ns: int,
+                detections: Detections | None = None, error: str = '') -> Outcome:
+        race = self._races.get(key)
+        if race is None or race.attempts[source].state is not SourceState.PENDING:
+            return Outcome()
+        attempt = race.attempts[source]
+        attempt.state, attempt.finished_ns = state, now_ns
+        attempt.detections, attempt.error = detections, error
+        return self._evaluate(race, now_ns)
+
+    def _evaluate(self, race: _Race, now_ns: int) -> Outcome:
+        outcome = Outcome()
+        best = race.best_arrived()
+        pending = race.pending()
+        if race.decided is None:
+            past_deadline = now_ns >= race.deadline_ns
+            if best is not None:
+                outranked = any(p.source.priority > best.source.priority for p in pending)
+                if past_deadline or not outranked:
+                    assert best.detections is not None
+                    late = best.finished_ns is not None and best.finished_ns > race.deadline_ns
+                    race.decided = (best.source.name, best.detections, now_ns, late)
+            elif not pending:
+                race.decided = (None, Detections.empty(), now_ns, past_deadline)
+        for attempt in pending:
+            if attempt.source.cancellable and not attempt.cancel_requested and (
+                    race.decided is not None
+                    or (best is not None and attempt.source.priority < best.source.priority)):
+                attempt.cancel_requested = True
+                outcome.cancel.append((race.key, attempt.source.name))
+        if race.decided is not None:
+            outcome.extend(self._release(race.key.camera, now_ns))
+        return outcome
+
+    def _release(self, camera: str, now_ns: int) -> Outcome:
+        """Release decided frames of ``camera`` in order, stopping at the first undecided one."""
+        outcome = Outcome()
+        queue = self._unreleased[camera]
+        while queue and (race := self._races[queue[0]]).decided is not None:
+            queue.pop(0)
+            winner, detections, decided_ns, late = race.decided
+            race.released = Decision(race.key, race.stamp_ns, race.deadline_ns, winner,
+                                     detections, decided_ns, now_ns, late)
+            outcome.decisions.append(race.released)
+        for key in [k for k, r in self._races.items() if r.released and not r.pending()]:
+            race = self._races.pop(key)
+            assert race.released is not None
+            outcome.settled.append(FrameRecord(key, race.stamp_ns, race.start_ns,
+                                               race.deadline_ns, race.released, race.attempts))
+        return outcome

@@ -1,0 +1,201 @@
+"""The arbitration policy, branch by branch, on an injected clock (milliseconds -> ns)."""
+import numpy as np
+import pytest
+
+from speculative_av.core.arbiter import Arbiter, Source, SourceState
+from speculative_av.core.detections import Detections
+from speculative_av.core.stats import SpeculationStats
+
+LOCAL = Source('local', 0, cancellable=False)
+CLOUD = Source('cloud', 10)
+EDGE = Source('edge', 10)
+DATACENTER = Source('datacenter', 20)
+MS = 1_000_000
+
+
+def dets(label: int) -> Detections:
+    return Detections(np.array([[0, 0, 10, 10]]), np.array([0.9]), np.array([label]))
+
+
+@pytest.fixture
+def arbiter():
+    return Arbiter()
+
+
+def open_frame(arbiter, sources=(LOCAL, CLOUD), stamp_ms=0, deadline_ms=100, camera='cam'):
+    return arbiter.open(camera, stamp_ms * MS, stamp_ms * MS, deadline_ms * MS, list(sources))
+
+
+def test_cloud_in_time_wins_the_moment_it_arrives_even_before_local(arbiter):
+    key = open_frame(arbiter)
+    out = arbiter.arrive(key, 'cloud', dets(2), 40 * MS)
+    [decision] = out.decisions
+    assert (decision.winner, decision.released_ns, decision.late) == ('cloud', 40 * MS, False)
+    assert decision.detections.labels.tolist() == [2]
+    assert out.settled == []  # local still running
+    out = arbiter.arrive(key, 'local', dets(1), 60 * MS)
+    assert out.decisions == []
+    [record] = out.settled
+    assert record.latency_ms('local') == 60 and record.latency_ms('cloud') == 40
+
+
+def test_local_first_waits_for_the_higher_priority_cloud(arbiter):
+    key = open_frame(arbiter)
+    assert arbiter.arrive(key, 'local', dets(1), 20 * MS).decisions == []
+    [decision] = arbiter.arrive(key, 'cloud', dets(2), 90 * MS).decisions
+    assert (decision.winner, decision.released_ns) == ('cloud', 90 * MS)
+
+
+def test_deadline_publishes_local_and_cancels_the_cloud_call(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    assert arbiter.tick(99 * MS).decisions == []
+    out = arbiter.tick(100 * MS)
+    [decision] = out.decisions
+    assert (decision.winner, decision.released_ns, decision.late) == ('local', 100 * MS, False)
+    assert out.cancel == [(key, 'cloud')]
+    assert arbiter.tick(101 * MS).cancel == []  # asked once only
+    out = arbiter.cancelled(key, 'cloud', 101 * MS)
+    [record] = out.settled
+    assert record.attempts['cloud'].state is SourceState.CANCELLED
+    assert record.missed_deadline('cloud') and not record.missed_deadline('local')
+
+
+def test_cloud_arriving_after_the_deadline_decision_changes_nothing(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    arbiter.tick(100 * MS)
+    out = arbiter.arrive(key, 'cloud', dets(2), 120 * MS)
+    assert out.decisions == [] and len(out.settled) == 1
+
+
+def test_nothing_by_the_deadline_then_first_arrival_wins_marked_late(arbiter):
+    key = open_frame(arbiter)
+    out = arbiter.tick(100 * MS)
+    assert out.decisions == [] and out.cancel == []  # keep waiting: nothing to publish yet
+    out = arbiter.fail(key, 'cloud', 101 * MS, 'DEADLINE_EXCEEDED')
+    assert out.decisions == []
+    [decision] = arbiter.arrive(key, 'local', dets(1), 130 * MS).decisions
+    assert (decision.winner, decision.late, decision.released_ns) == ('local', True, 130 * MS)
+
+
+def test_a_cloud_error_before_the_deadline_publishes_local_at_once(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    [decision] = arbiter.fail(key, 'cloud', 25 * MS, 'UNAVAILABLE').decisions
+    assert (decision.winner, decision.released_ns) == ('local', 25 * MS)
+
+
+def test_every_source_failing_still_yields_exactly_one_empty_result(arbiter):
+    key = open_frame(arbiter)
+    assert arbiter.fail(key, 'cloud', 10 * MS, 'UNAVAILABLE').decisions == []
+    out = arbiter.fail(key, 'local', 30 * MS, 'inference error')
+    [decision] = out.decisions
+    assert decision.winner is None and len(decision.detections) == 0 and not decision.late
+    assert len(out.settled) == 1 and arbiter.open_frames() == 0
+
+
+def test_local_only_frame_publishes_when_local_arrives(arbiter):
+    key = open_frame(arbiter, sources=[LOCAL])
+    [decision] = arbiter.arrive(key, 'local', dets(1), 5 * MS).decisions
+    assert decision.winner == 'local'
+
+
+def test_several_endpoints_nearer_result_waits_for_the_higher_priority_one(arbiter):
+    key = open_frame(arbiter, sources=[LOCAL, EDGE, DATACENTER])
+    arbiter.arrive(key, 'local', dets(1), 10 * MS)
+    assert arbiter.arrive(key, 'edge', dets(2), 30 * MS).decisions == []
+    [decision] = arbiter.arrive(key, 'datacenter', dets(3), 80 * MS).decisions
+    assert decision.winner == 'datacenter'
+
+
+def test_several_endpoints_deadline_takes_best_arrived(arbiter):
+    key = open_frame(arbiter, sources=[LOCAL, EDGE, DATACENTER])
+    arbiter.arrive(key, 'local', dets(1), 10 * MS)
+    arbiter.arrive(key, 'edge', dets(2), 30 * MS)
+    out = arbiter.tick(100 * MS)
+    assert [d.winner for d in out.decisions] == ['edge']
+    assert out.cancel == [(key, 'datacenter')]
+
+
+def test_top_priority_arrival_cancels_lower_cloud_calls_that_can_no_longer_win(arbiter):
+    key = open_frame(arbiter, sources=[LOCAL, EDGE, DATACENTER])
+    out = arbiter.arrive(key, 'datacenter', dets(3), 30 * MS)
+    assert [d.winner for d in out.decisions] == ['datacenter']
+    assert out.cancel == [(key, 'edge')]  # local is not cancellable and keeps running
+
+
+def test_mid_priority_arrival_cancels_lower_ones_but_keeps_waiting_for_higher(arbiter):
+    low = Source('low', 5)
+    key = open_frame(arbiter, sources=[LOCAL, low, EDGE, DATACENTER])
+    out = arbiter.arrive(key, 'edge', dets(2), 30 * MS)
+    assert out.decisions == [] and out.cancel == [(key, 'low')]
+
+
+def test_decisions_are_released_in_stamp_order_per_camera(arbiter):
+    first = open_frame(arbiter, stamp_ms=0, deadline_ms=100)
+    second = open_frame(arbiter, stamp_ms=33, deadline_ms=133)
+    other_camera = open_frame(arbiter, stamp_ms=10, deadline_ms=110, camera='rear')
+    assert arbiter.arrive(second, 'cloud', dets(2), 50 * MS).decisions == []  # held back
+    [rear] = arbiter.arrive(other_camera, 'cloud', dets(5), 55 * MS).decisions
+    assert rear.key.camera == 'rear'  # cameras do not wait for each other
+    arbiter.arrive(first, 'local', dets(1), 60 * MS)
+    out = arbiter.tick(100 * MS)
+    assert [(d.key.seq, d.winner) for d in out.decisions] == [(0, 'local'), (1, 'cloud')]
+    assert out.decisions[1].decided_ns == 50 * MS and out.decisions[1].released_ns == 100 * MS
+
+
+def test_stale_or_repeated_stamps_are_rejected(arbiter):
+    assert open_frame(arbiter, stamp_ms=50, deadline_ms=150) is not None
+    assert open_frame(arbiter, stamp_ms=50, deadline_ms=150) is None
+    assert open_frame(arbiter, stamp_ms=40, deadline_ms=140) is None
+    assert open_frame(arbiter, stamp_ms=40, deadline_ms=140, camera='rear') is not None
+
+
+def test_duplicate_and_unknown_results_are_ignored(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'cloud', dets(2), 10 * MS)
+    assert arbiter.arrive(key, 'cloud', dets(9), 11 * MS).decisions == []
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    assert arbiter.arrive(key, 'local', dets(1), 21 * MS).settled == []  # already settled
+
+
+def test_next_deadline_tracks_undecided_frames(arbiter):
+    assert arbiter.next_deadline_ns() is None
+    first = open_frame(arbiter, stamp_ms=0, deadline_ms=100)
+    open_frame(arbiter, stamp_ms=33, deadline_ms=133)
+    assert arbiter.next_deadline_ns() == 100 * MS
+    arbiter.arrive(first, 'cloud', dets(2), 10 * MS)
+    assert arbiter.next_deadline_ns() == 133 * MS
+
+
+def test_open_requires_a_source(arbiter):
+    with pytest.raises(ValueError):
+        arbiter.open('cam', 0, 0, 100, [])
+
+
+def test_stats_count_wins_misses_latencies_and_lateness(arbiter):
+    stats = SpeculationStats()
+    frames = []
+    for i in range(4):
+        frames.append(open_frame(arbiter, stamp_ms=i * 1000, deadline_ms=i * 1000 + 100))
+    records = []
+    # frame 0: cloud wins; frame 1: cloud too slow; frame 2: cloud error; frame 3: late local
+    records += arbiter.arrive(frames[0], 'cloud', dets(2), 40 * MS).settled
+    records += arbiter.arrive(frames[0], 'local', dets(1), 30 * MS).settled
+    arbiter.arrive(frames[1], 'local', dets(1), 1030 * MS)
+    arbiter.tick(1102 * MS)
+    records += arbiter.cancelled(frames[1], 'cloud', 1103 * MS).settled
+    arbiter.arrive(frames[2], 'local', dets(1), 2030 * MS)
+    records += arbiter.fail(frames[2], 'cloud', 2040 * MS, 'UNAVAILABLE').settled
+    arbiter.fail(frames[3], 'cloud', 3100 * MS, 'DEADLINE_EXCEEDED')
+    records += arbiter.arrive(frames[3], 'local', dets(1), 3150 * MS).settled
+    for record in records:
+        stats.add(record)
+    assert stats.frames == 4 and stats.late == 1 and stats.no_winner == 0
+    assert (stats.source('cloud').wins, stats.source('local').wins) == (1, 3)
+    assert stats.source('cloud').deadline_misses == 3
+    assert stats.source('local').deadline_misses == 1
+    assert (stats.source('cloud').failed, stats.source('cloud').cancelled) == (2, 1)
+    assert stats.source('local').percentile_ms(50) == pytest.approx(30)
+    assert sorted(stats.lateness_ms) == [0, 0, 2, 50]

@@ -1,0 +1,60 @@
+"""Deadline policy, backpressure slots and the detections type."""
+import threading
+
+import numpy as np
+import pytest
+
+from speculative_av.core.backpressure import LatestFrameSlots
+from speculative_av.core.deadline import DeadlinePolicy, DeadlineReference
+from speculative_av.core.detections import Detections
+
+
+def test_deadline_counts_from_stamp_or_arrival():
+    assert DeadlinePolicy.from_ms(100).deadline_ns(1_000, 5_000) == 1_000 + 100_000_000
+    arrival = DeadlinePolicy.from_ms(100, 'arrival')
+    assert arrival.reference is DeadlineReference.ARRIVAL
+    assert arrival.deadline_ns(1_000, 5_000) == 5_000 + 100_000_000
+
+
+@pytest.mark.parametrize('ms, ref', [(0, 'stamp'), (-5, 'stamp'), (100, 'receipt')])
+def test_deadline_policy_rejects_bad_parameters(ms, ref):
+    with pytest.raises(ValueError):
+        DeadlinePolicy.from_ms(ms, ref)
+
+
+def test_newest_frame_replaces_a_waiting_one_and_is_counted():
+    slots: LatestFrameSlots[int] = LatestFrameSlots()
+    assert slots.put('front', 1) is None
+    assert slots.put('front', 2) == 1
+    assert slots.put('front', 3) == 2
+    assert slots.take(0) == ('front', 3)
+    assert slots.take(0) is None
+    assert slots.dropped == {'front': 2}
+
+
+def test_cameras_are_served_round_robin():
+    slots: LatestFrameSlots[str] = LatestFrameSlots()
+    slots.put('front', 'f1')
+    slots.put('rear', 'r1')
+    slots.put('front', 'f2')  # front moves behind rear
+    assert [slots.take(0), slots.take(0)] == [('rear', 'r1'), ('front', 'f2')]
+
+
+def test_close_wakes_a_blocked_take():
+    slots: LatestFrameSlots[int] = LatestFrameSlots()
+    result = []
+    worker = threading.Thread(target=lambda: result.append(slots.take()))
+    worker.start()
+    slots.close()
+    worker.join(5)
+    assert result == [None]
+
+
+def test_detections_normalise_and_transform():
+    d = Detections([[10, 20, 30, 40], [0, 0, 1, 1]], [0.9, 0.2], [3, 1])
+    assert d.boxes.dtype == np.float32 and d.labels.dtype == np.int64 and len(d) == 2
+    assert d.above(0.5).labels.tolist() == [3]
+    assert d.scaled(2, 0.5).boxes[0].tolist() == [20, 10, 60, 20]
+    assert len(Detections.empty()) == 0
+    with pytest.raises(ValueError):
+        Detections([[0, 0, 1, 1]], [0.5, 0.6], [1])
