@@ -1,0 +1,1 @@
+"""The gRPC cloud detection service: wire format, server and client."""

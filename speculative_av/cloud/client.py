@@ -1,0 +1,240 @@
+"""
+The vehicle's side of one cloud detector endpoint: asynchronous Detect calls and health.
+
+A background thread polls the standard gRPC health service; while it fails, polls back off
+exponentially. Callers skip endpoints that are not :attr:`CloudEndpoint.healthy`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from speculative_av.cloud import codec
+from speculative_av.cloud import detection_pb2
+from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.core.detections import Detections
+
+_LOG = logging.getLogger(__name__)
+
+SERVICE_NAME = detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].full_name
+SERVING = 'SERVING'
+NOT_SERVING = 'NOT_SERVING'
+UNREACHABLE = 'UNREACHABLE'
+UNKNOWN = 'UNKNOWN'
+
+
+@dataclass(frozen=True)
+class CloudReply:
+    """The outcome of one Detect call; ``detections`` are in original image coordinates."""
+
+    endpoint: str
+    ok: bool
+    detections: Detections = field(default_factory=Detections.empty)
+    error: str = ''
+    server_inference_ms: float = 0.0
+    server_queue_ms: float = 0.0
+    model_name: str = ''
+    model_version: str = ''
+    frame_id: str = ''
+    round_trip_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """A snapshot of an endpoint's health tracking; times are on the endpoint's clock (s)."""
+
+    state: str
+    consecutive_failures: int
+    next_check_in_s: float
+    last_check_s: float
+    last_change_s: float
+    last_error: str
+
+
+class CloudEndpoint:
+    """One gRPC cloud detector the vehicle can send frames to."""
+
+    def __init__(self, name: str, target: str, *, max_message_mb: int = 16,
+                 health_interval_s: float = 0.5, backoff_initial_s: float = 0.25,
+                 backoff_max_s: float = 5.0, health_timeout_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """
+        Connect to ``target`` ('host:port') and start polling its health.
+
+        Polls run every ``health_interval_s`` while the endpoint serves; after a failed poll
+        the next waits ``backoff_initial_s``, doubling per failure up to ``backoff_max_s``.
+        """
+        if not 0 < backoff_initial_s <= backoff_max_s:
+            raise ValueError('need 0 < backoff_initial_s <= backoff_max_s, got '
+                             f'{backoff_initial_s} and {backoff_max_s}')
+        self._name = name
+        self._target = target
+        self._interval_s = health_interval_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._health_timeout_s = health_timeout_s
+        self._clock = clock
+        max_bytes = max_message_mb * 1024 * 1024
+        self._channel = grpc.insecure_channel(target, options=[
+            ('grpc.max_send_message_length', max_bytes),
+            ('grpc.max_receive_message_length', max_bytes),
+            ('grpc.keepalive_time_ms', 10_000),
+            ('grpc.keepalive_timeout_ms', 5_000),
+            ('grpc.keepalive_permit_without_calls', 1),
+            # Reconnect as eagerly as health polls back off (gRPC's own default is 1 s..120 s).
+            ('grpc.initial_reconnect_backoff_ms', int(backoff_initial_s * 1e3)),
+            ('grpc.max_reconnect_backoff_ms', int(backoff_max_s * 1e3)),
+        ])
+        self._stub = detection_pb2_grpc.CloudDetectorStub(self._channel)
+        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        self._lock = threading.Lock()
+        now = clock()
+        self._health = EndpointHealth(UNKNOWN, 0, 0.0, now, now, '')
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_health, name=f'health-{name}',
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        """Return what replies and logs call this endpoint."""
+        return self._name
+
+    @property
+    def target(self) -> str:
+        """Return the 'host:port' this endpoint connects to."""
+        return self._target
+
+    @property
+    def healthy(self) -> bool:
+        """Return whether the last health poll saw the detector serving."""
+        return self.health_state == SERVING
+
+    @property
+    def health_state(self) -> str:
+        """Return 'SERVING', 'NOT_SERVING', 'UNREACHABLE' or 'UNKNOWN' (not polled yet)."""
+        with self._lock:
+            return self._health.state
+
+    def health(self) -> EndpointHealth:
+        """Return a snapshot of the health tracking."""
+        with self._lock:
+            return self._health
+
+    def submit(self, frame: codec.EncodedFrame, frame_id: str, stamp_ns: int, timeout_s: float,
+               deadline_unix_ns: int, on_done: Callable[[CloudReply], None]) -> grpc.Future:
+        """
+        Start a Detect call; ``on_done`` receives its :class:`CloudReply` exactly once.
+
+        ``on_done`` runs on a gRPC thread (on this one if the call ends before ``submit``
+        returns), also when the caller cancels the returned future (then with error
+        'CANCELLED'). A call failing with UNAVAILABLE marks the endpoint unhealthy until the
+        next successful health poll. Do not submit after :meth:`stop`.
+        """
+        request = codec.build_request(frame, frame_id, stamp_ns, deadline_unix_ns)
+        start = self._clock()
+        future = self._stub.Detect.future(request, timeout=timeout_s)
+
+        def finish(done: Any) -> None:
+            reply = self._reply(done, frame_id, (self._clock() - start) * 1e3)
+            try:
+                on_done(reply)
+            except Exception:  # noqa: B902 (a gRPC thread must not die of a caller's bug)
+                _LOG.exception('%s: on_done raised for frame %s', self._name, frame_id)
+
+        future.add_done_callback(finish)
+        return future
+
+    def model_info(self, timeout_s: float) -> detection_pb2.ModelInfo | None:
+        """Return the served model's description, or None if the call fails."""
+        try:
+            info: detection_pb2.ModelInfo = self._stub.GetModelInfo(
+                detection_pb2.ModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            _LOG.debug('%s: GetModelInfo failed: %s', self._name, _error_text(exc))
+            return None
+        return info
+
+    def stop(self) -> None:
+        """Stop health polling and close the channel (pending calls end CANCELLED)."""
+        self._stop.set()
+        self._thread.join()
+        self._channel.close()
+
+    def __enter__(self) -> CloudEndpoint:
+        """Return the endpoint; :meth:`stop` runs when the block ends."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop the endpoint."""
+        self.stop()
+
+    def _reply(self, future: Any, frame_id: str, round_trip_ms: float) -> CloudReply:
+        """Turn a finished Detect future into a reply."""
+        if future.cancelled():
+            return CloudReply(self._name, False, error='CANCELLED', frame_id=frame_id,
+                              round_trip_ms=round_trip_ms)
+        exc = future.exception()
+        if exc is not None:
+            error = _error_text(exc)
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._record(UNREACHABLE, error, next_check_in_s=None)
+            return CloudReply(self._name, False, error=error, frame_id=frame_id,
+                              round_trip_ms=round_trip_ms)
+        response: detection_pb2.DetectResponse = future.result()
+        return CloudReply(
+            self._name, True, codec.response_to_detections(response),
+            server_inference_ms=response.inference_ms, server_queue_ms=response.queue_ms,
+            model_name=response.model_name, model_version=response.model_version,
+            frame_id=frame_id, round_trip_ms=round_trip_ms)
+
+    def _poll_health(self) -> None:
+        """Poll the health service until stopped, backing off while it fails."""
+        backoff_s = self._backoff_initial_s
+        while not self._stop.is_set():
+            state, error = self._check()
+            if state == SERVING:
+                wait_s, backoff_s = self._interval_s, self._backoff_initial_s
+            else:
+                wait_s, backoff_s = backoff_s, min(2 * backoff_s, self._backoff_max_s)
+            self._record(state, error, wait_s)
+            self._stop.wait(wait_s)
+
+    def _check(self) -> tuple[str, str]:
+        """Ask the server once whether the detector serves; return (state, error)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            response = self._health_stub.Check(request, timeout=self._health_timeout_s)
+        except grpc.RpcError as exc:
+            state = NOT_SERVING if exc.code() == grpc.StatusCode.NOT_FOUND else UNREACHABLE
+            return state, _error_text(exc)
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return SERVING, ''
+        return NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _record(self, state: str, error: str, next_check_in_s: float | None) -> None:
+        """Store a health observation (``next_check_in_s`` None keeps the poll's schedule)."""
+        now = self._clock()
+        with self._lock:
+            old = self._health
+            failures = 0 if state == SERVING else old.consecutive_failures + 1
+            self._health = EndpointHealth(
+                state, failures,
+                old.next_check_in_s if next_check_in_s is None else next_check_in_s, now,
+                now if state != old.state else old.last_change_s, error)
+        if state != old.state:
+            _LOG.info('%s (%s): %s -> %s %s', self._name, self._target, old.state, state, error)
+
+
+def _error_text(exc: BaseException) -> str:
+    """Return 'CODE: details' for a failed gRPC call ('CODE' alone without details)."""
+    if isinstance(exc, grpc.Call):
+        details = exc.details()
+        return f'{exc.code().name}: {details}' if details else exc.code().name
+    return f'{type(exc).__name__}: {exc}'

@@ -1,0 +1,245 @@
+"""
+Serve a torchvision detector over gRPC, as the data center side of speculative execution.
+
+Run ``python -m speculative_av.cloud.server --help``. Once listening it prints one line,
+``cloud_server listening on HOST:PORT``, to stdout; the health service reports SERVING once the
+model is loaded. SIGTERM or SIGINT stops it cleanly with exit code 0.
+"""
+from __future__ import annotations
+
+import argparse
+from concurrent import futures
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import NoReturn, Protocol, TextIO
+
+import grpc
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from speculative_av.cloud import codec
+from speculative_av.cloud import detection_pb2
+from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.detectors.torchvision_detector import detection_models, TorchvisionDetector
+
+_LOG = logging.getLogger('cloud_server')
+
+SERVICE_NAME = detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].full_name
+DEFAULT_MODEL = 'fasterrcnn_mobilenet_v3_large_fpn'
+SHUTDOWN_GRACE_S = 2.0
+
+
+class _Context(Protocol):
+    """The parts of ``grpc.ServicerContext`` used here, typed (``abort`` always raises)."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the RPC with ``code``."""
+
+    def time_remaining(self) -> float | None:
+        """Return the seconds left before the client's deadline (None: no deadline)."""
+
+    def is_active(self) -> bool:
+        """Return whether the client still waits for the reply."""
+
+
+class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
+    """Answer Detect with one detector, at most ``concurrency`` inferences at a time."""
+
+    def __init__(self, concurrency: int = 1, extra_latency_ms: float = 0.0) -> None:
+        """Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`."""
+        self._detector: TorchvisionDetector | None = None
+        self._slots = threading.Semaphore(concurrency)
+        self._extra_latency_s = extra_latency_ms / 1e3
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ('requests', 'ok', 'expired', 'cancelled', 'invalid', 'unavailable'), 0)
+        self._inferences = 0
+        self._inference_ms_total = 0.0
+
+    def set_detector(self, detector: TorchvisionDetector) -> None:
+        """Start answering with ``detector``."""
+        self._detector = detector
+
+    def summary(self) -> str:
+        """Return a one-line account of the requests served so far."""
+        with self._lock:
+            counts = dict(self._counts, inferences=self._inferences)
+            mean_ms = self._inference_ms_total / self._inferences if self._inferences else 0.0
+        return ' '.join(f'{key}={value}' for key, value in counts.items()) + (
+            f' mean_inference_ms={mean_ms:.1f}')
+
+    def Detect(self, request: detection_pb2.DetectRequest,  # noqa: N802 (gRPC's name)
+               context: _Context) -> detection_pb2.DetectResponse:
+        """Decode the image, wait for a free slot, detect unless the deadline passed."""
+        receive_unix_ns = time.time_ns()
+        start = time.perf_counter()
+        self._count('requests')
+        detector = self._detector
+        if detector is None:
+            self._fail(context, 'unavailable', grpc.StatusCode.UNAVAILABLE, 'model is loading')
+        try:
+            rgb = codec.decode_request_image(request)
+        except ValueError as exc:
+            self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
+                       f'frame {request.frame_id!r}: {exc}')
+        decoded = time.perf_counter()
+        with self._slots:
+            queued = time.perf_counter()
+            remaining_s = context.time_remaining()
+            if ((request.deadline_unix_ns and time.time_ns() >= request.deadline_unix_ns)
+                    or (remaining_s is not None and remaining_s <= 0)):
+                self._fail(context, 'expired', grpc.StatusCode.DEADLINE_EXCEEDED,
+                           'deadline passed before inference')
+            if not context.is_active():
+                self._fail(context, 'cancelled', grpc.StatusCode.CANCELLED,
+                           'client cancelled before inference')
+            detections = detector.detect(rgb)
+            inference_ms = (time.perf_counter() - queued) * 1e3
+        with self._lock:
+            self._inferences += 1
+            self._inference_ms_total += inference_ms
+        response = codec.detections_to_response(
+            codec.to_original_coordinates(detections, request, rgb.shape[1], rgb.shape[0]),
+            model_name=detector.model_name, model_version=detector.model_version,
+            server_receive_unix_ns=receive_unix_ns, queue_ms=(queued - decoded) * 1e3,
+            decode_ms=(decoded - start) * 1e3, inference_ms=inference_ms)
+        if self._extra_latency_s > 0:
+            time.sleep(self._extra_latency_s)
+        self._count('ok')
+        return response
+
+    def GetModelInfo(self, request: detection_pb2.ModelInfoRequest,  # noqa: N802
+                     context: _Context) -> detection_pb2.ModelInfo:
+        """Describe the loaded model."""
+        detector = self._detector
+        if detector is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, 'model is loading')
+        return detection_pb2.ModelInfo(
+            model_name=detector.model_name, model_version=detector.model_version,
+            categories=detector.categories, device=detector.device,
+            score_threshold=detector.score_threshold)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def _fail(self, context: _Context, key: str, code: grpc.StatusCode,
+              details: str) -> NoReturn:
+        """Count and log a failed request, then end it with ``code`` (raises)."""
+        self._count(key)
+        _LOG.log(logging.WARNING if key == 'invalid' else logging.DEBUG, '%s: %s',
+                 code.name, details)
+        context.abort(code, details)
+
+
+def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> int:
+    """
+    Listen, load the model, serve until ``stop`` is set; return the exit code.
+
+    The listening line goes to ``announce``, the only thing ever written there.
+    """
+    service = DetectionService(args.concurrency, args.extra_latency_ms)
+    workers = 4 * args.concurrency + 4
+    max_bytes = args.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix='rpc'),
+        options=[('grpc.max_receive_message_length', max_bytes),
+                 ('grpc.max_send_message_length', max_bytes),
+                 ('grpc.keepalive_permit_without_calls', 1),
+                 ('grpc.http2.min_ping_interval_without_data_ms', 5000)],
+        maximum_concurrent_rpcs=workers)
+    detection_pb2_grpc.add_CloudDetectorServicer_to_server(service, server)
+    health_service = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    for name in ('', SERVICE_NAME):
+        health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f'[{args.host}]' if ':' in args.host and not args.host.startswith('[') else (
+        args.host)
+    try:
+        port = server.add_insecure_port(f'{address}:{args.port}')
+    except RuntimeError as exc:
+        _LOG.error('could not listen on %s:%d: %s', address, args.port, exc)
+        return 1
+    server.start()
+    print(f'cloud_server listening on {address}:{port}', file=announce, flush=True)
+    try:
+        detector = TorchvisionDetector(args.model, args.weights, args.device,
+                                       args.score_threshold, args.threads)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _LOG.error('could not load %s: %s', args.model, exc)
+        server.stop(None)
+        return 1
+    service.set_detector(detector)
+    for name in ('', SERVICE_NAME):
+        health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms',
+              detector.model_name, detector.model_version, detector.device, args.concurrency,
+              args.extra_latency_ms)
+    stop.wait()
+    health_service.enter_graceful_shutdown()
+    server.stop(SHUTDOWN_GRACE_S).wait()
+    _LOG.info('summary: %s', service.summary())
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description='gRPC cloud object detector')
+    parser.add_argument('--model', default=DEFAULT_MODEL, help='torchvision detection builder')
+    parser.add_argument('--weights', default='DEFAULT',
+                        help="'DEFAULT' (pretrained, downloaded), a checkpoint path, or 'random'")
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--score-threshold', type=float, default=0.3)
+    parser.add_argument('--host', default='0.0.0.0')
+    parser.add_argument('--port', type=int, default=50051, help='0 picks a free port')
+    parser.add_argument('--max-message-mb', type=int, default=16)
+    parser.add_argument('--concurrency', type=_positive_int, default=1,
+                        help='inferences run at the same time')
+    parser.add_argument('--extra-latency-ms', type=float, default=0.0,
+                        help='delay every reply, emulating a distant data center')
+    parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
+    parser.add_argument('--log-level', default='INFO',
+                        choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
+    args = parser.parse_args(argv)
+    if args.model not in detection_models():
+        parser.error(f'--model {args.model!r} is not one of {", ".join(detection_models())}')
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        _LOG.info('%s received, shutting down', signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # Keep stdout to the listening line: torch hub, for one, prints download progress there.
+    announce, sys.stdout = sys.stdout, sys.stderr
+    try:
+        return serve(args, stop, announce)
+    finally:
+        sys.stdout = announce
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Object detectors that turn an RGB array into :class:`~speculative_av.core.detections.Detections`."""

@@ -1,0 +1,242 @@
+"""
+Run a torchvision detection architecture on RGB arrays.
+
+Weights come from torchvision's pretrained default (downloaded once into the torch hub cache), a
+local checkpoint file, or a fixed-seed random initialisation for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from speculative_av.core.detections import Detections
+import torch
+import torchvision
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = 'DEFAULT'
+RANDOM_WEIGHTS = 'random'
+RANDOM_SEED = 0
+COCO_NUM_CLASSES = 91
+
+
+def detection_models() -> list[str]:
+    """Return the names of torchvision's detection model builders."""
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def coco_categories() -> list[str]:
+    """Return torchvision's 91 COCO category names (index = label id), downloading nothing."""
+    weights = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT
+    return list(weights.meta['categories'])
+
+
+def save_checkpoint(model_module: torch.nn.Module, path: str | Path, *, num_classes: int,
+                    categories: list[str], **metadata: Any) -> None:
+    """
+    Save ``model_module``'s weights in the checkpoint format TorchvisionDetector loads.
+
+    ``metadata`` values must be plain data (str, numbers, lists, dicts) so the file loads with
+    ``torch.load(weights_only=True)``.
+    """
+    if len(categories) != num_classes:
+        raise ValueError(f'{len(categories)} categories for {num_classes} classes')
+    torch.save({'model': model_module.state_dict(), 'num_classes': num_classes,
+                'categories': list(categories), **metadata}, str(path))
+
+
+class _Loaded(NamedTuple):
+    """A built model and what identifies its weights."""
+
+    net: torch.nn.Module
+    categories: list[str]
+    version: str
+    metadata: dict[str, Any]
+
+
+class TorchvisionDetector:
+    """A torchvision detector that maps an RGB image to :class:`Detections`."""
+
+    def __init__(self, model: str, weights: str = DEFAULT_WEIGHTS, device: str = 'cpu',
+                 score_threshold: float = 0.3, threads: int | None = None) -> None:
+        """
+        Build ``model`` with ``weights`` on ``device``.
+
+        ``weights`` is 'DEFAULT' (torchvision's pretrained weights), 'random' (tests only) or
+        the path of a checkpoint file. Raises ValueError for an unknown model, weights or device
+        name and RuntimeError when the pretrained weights cannot be downloaded or CUDA is
+        unavailable.
+        """
+        valid = detection_models()
+        if model not in valid:
+            raise ValueError(f'unknown torchvision detection model {model!r}; valid names: '
+                             f'{", ".join(valid)}')
+        self._device = _resolve_device(device)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if weights == DEFAULT_WEIGHTS:
+            loaded = _load_default(model)
+        elif weights == RANDOM_WEIGHTS:
+            _LOG.warning('%s uses random weights: its detections are meaningless (tests only)',
+                         model)
+            loaded = _Loaded(_build_random(model), coco_categories(), 'random', {})
+        elif Path(weights).is_file():
+            loaded = _load_checkpoint(model, Path(weights))
+        else:
+            raise ValueError(f"weights must be '{DEFAULT_WEIGHTS}', '{RANDOM_WEIGHTS}' or the "
+                             f'path of an existing checkpoint file, got {weights!r}')
+        self._model = loaded.net.eval().to(self._device)
+        self._model_name = model
+        self._categories = loaded.categories
+        self._model_version = loaded.version
+        self._metadata = loaded.metadata
+        self._score_threshold = float(score_threshold)
+
+    @property
+    def categories(self) -> list[str]:
+        """Return the class names, indexed by label id."""
+        return list(self._categories)
+
+    @property
+    def model_name(self) -> str:
+        """Return the torchvision builder name."""
+        return self._model_name
+
+    @property
+    def model_version(self) -> str:
+        """Return a checkpoint's sha256 prefix, 'torchvision-default' or 'random'."""
+        return self._model_version
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Return the checkpoint's extra entries (empty for DEFAULT and random weights)."""
+        return dict(self._metadata)
+
+    @property
+    def device(self) -> str:
+        """Return the torch device the model runs on."""
+        return str(self._device)
+
+    @property
+    def score_threshold(self) -> float:
+        """Return the score below which detections are dropped."""
+        return self._score_threshold
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """Return the underlying torch module, in eval mode."""
+        return self._model
+
+    def detect(self, rgb: npt.NDArray[np.uint8]) -> Detections:
+        """Detect objects in an (H, W, 3) uint8 RGB image; boxes are in its pixel coordinates."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f'expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} '
+                             f'{rgb.shape}')
+        height, width = rgb.shape[:2]
+        pixels = torch.from_numpy(np.require(rgb, requirements=['C', 'W']))
+        with torch.inference_mode():
+            image = pixels.to(self._device).permute(2, 0, 1).float().div_(255.0)
+            output = self._model([image])[0]
+            boxes = output['boxes'].float().cpu().numpy()
+            scores = output['scores'].float().cpu().numpy()
+            labels = output['labels'].cpu().numpy()
+        np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
+        return Detections(boxes, scores, labels).above(self._score_threshold)
+
+
+def _load_default(model: str) -> _Loaded:
+    """Build ``model`` with torchvision's pretrained default weights."""
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    try:
+        net = torchvision.models.get_model(model, weights=weights)
+    except OSError as exc:
+        raise RuntimeError(
+            f'could not download the pretrained {model} weights ({weights}) from '
+            f'{weights.url}: {exc}. Without internet access pass a local checkpoint path as '
+            f'weights instead') from exc
+    return _Loaded(net, list(weights.meta['categories']), 'torchvision-default', {})
+
+
+def _load_checkpoint(model: str, path: Path) -> _Loaded:
+    """Build ``model`` from a checkpoint file: a state_dict or a dict with a 'model' entry."""
+    data = path.read_bytes()
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a dict')
+    metadata: dict[str, Any] = {}
+    if isinstance(checkpoint.get('model'), dict):
+        state = checkpoint.pop('model')
+        categories = checkpoint.pop('categories', None)
+        num_classes = int(checkpoint.pop(
+            'num_classes', len(categories) if categories else COCO_NUM_CLASSES))
+        metadata = checkpoint
+    else:
+        state, categories, num_classes = checkpoint, None, COCO_NUM_CLASSES
+    if categories is None:
+        categories = [f'class_{i}' for i in range(num_classes)]
+    if len(categories) != num_classes:
+        raise ValueError(f'checkpoint {path} lists {len(categories)} categories for '
+                         f'{num_classes} classes')
+    net = _build(model, num_classes)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f'checkpoint {path} does not fit {model} with {num_classes} classes: '
+                         f'{exc}') from exc
+    return _Loaded(net, [str(c) for c in categories], hashlib.sha256(data).hexdigest()[:12],
+                   metadata)
+
+
+def _build_random(model: str) -> torch.nn.Module:
+    """
+    Build ``model`` with fixed-seed random weights whose outputs depend on the input.
+
+    Some torchvision initialisations (SSDlite's small normal init) shrink activations to ~1e-20
+    through the untrained network, so every image would get the same boxes and scores.
+    Batch-norm statistics measured on fixed-seed noise keep activations near unit scale.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        net = _build(model, COCO_NUM_CLASSES).eval()
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: the statistics of the noise batch
+            norm.train()
+        with torch.no_grad():
+            net([torch.rand(3, 320, 320) for _ in range(2)])
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+        norm.eval()
+    return net
+
+
+def _build(model: str, num_classes: int) -> torch.nn.Module:
+    """Build ``model`` with untrained weights, downloading nothing."""
+    net: torch.nn.Module = torchvision.models.get_model(
+        model, weights=None, weights_backbone=None, num_classes=num_classes)
+    return net
+
+
+def _resolve_device(device: str) -> torch.device:
+    """Parse ``device`` and check that it exists on this machine."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if resolved.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'device {device!r} requested but CUDA is not available here')
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise RuntimeError(f'device {device!r} requested but only '
+                               f'{torch.cuda.device_count()} CUDA devices exist')
+    elif resolved.type != 'cpu':
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    return resolved
