@@ -25,6 +25,8 @@ setup(
     tests_require=['pytest'],
     entry_points={
         'console_scripts': [
+            'speculative_detector = speculative_av.ros.detector_node:main',
+            'cloud_server = speculative_av.cloud.server:main',
             'synthetic_camera = speculative_av.ros.synthetic_camera:main',
         ],
     },

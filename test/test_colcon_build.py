@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXECUTABLES = ['synthetic_camera']
+EXECUTABLES = ['speculative_detector', 'cloud_server', 'synthetic_camera']
 
 
 @pytest.fixture(scope='module')

@@ -44,7 +44,7 @@ fi
 rm -f "$stamp"
 
 log "installing $(grep -c '==' "$lock") pinned packages from tools/requirements.lock (first time: ~2 min)"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$lock"
+"$venv/bin/python" -m pip install -qq --disable-pip-version-check --no-deps -r "$lock"
 
 # The wheels' exported CMake files name the manylinux build interpreter's include dirs.
 py_include=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')

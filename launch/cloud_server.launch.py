@@ -1,0 +1,30 @@
+"""Launch the gRPC cloud detection server (no ROS inside it; launch only supervises it).
+
+ros2 launch speculative_av cloud_server.launch.py port:=50051 \
+    model:=fasterrcnn_mobilenet_v3_large_fpn weights:=/models/cloud.pt device:=cuda
+"""
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess
+from launch.substitutions import LaunchConfiguration
+from launch_ros.substitutions import ExecutableInPackage
+
+ARGUMENTS = {
+    'host': ('0.0.0.0', 'Address to listen on.'),
+    'port': ('50051', 'Port to listen on.'),
+    'model': ('fasterrcnn_mobilenet_v3_large_fpn', 'torchvision detection architecture.'),
+    'weights': ('DEFAULT', 'DEFAULT, a checkpoint path, or random (tests only).'),
+    'device': ('cpu', 'cpu, cuda or cuda:N.'),
+    'concurrency': ('1', 'Requests run at once.'),
+    'extra_latency_ms': ('0', 'Fixed delay before each reply (emulates a distant server).'),
+}
+
+
+def generate_launch_description():
+    """Return the server process with every option as a launch argument."""
+    arguments = [DeclareLaunchArgument(name, default_value=default, description=text)
+                 for name, (default, text) in ARGUMENTS.items()]
+    command = [ExecutableInPackage('cloud_server', 'speculative_av')]
+    for name in ARGUMENTS:
+        command += [f'--{name.replace("_", "-")}', LaunchConfiguration(name)]
+    # A plain process, not a launch_ros Node: the server takes no --ros-args.
+    return LaunchDescription([*arguments, ExecuteProcess(cmd=command, output='screen')])

@@ -1,0 +1,440 @@
+"""The ``speculative_detector`` lifecycle node: local and cloud detection race every frame.
+
+Threads: the executor only enqueues frames (newest per camera wins); one worker converts,
+dispatches the cloud calls and runs local inference; a scheduler thread applies deadlines; gRPC
+threads deliver cloud replies. Every arbiter call and every fused publish happens under one
+lock, so fused results leave in stamp order, exactly once per processed frame.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from types import FrameType
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import (LifecycleNode, LifecyclePublisher, LifecycleState,
+                            TransitionCallbackReturn)
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, qos_profile_sensor_data, QoSProfile
+from rclpy.signals import SignalHandlerOptions
+from rclpy.subscription import Subscription
+from rclpy.time import Time
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+from vision_msgs.msg import Detection2DArray, LabelInfo
+
+from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.codec import encode_frame
+from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
+from speculative_av.core.arbiter import Arbiter, FrameKey, Outcome, Source
+from speculative_av.core.backpressure import LatestFrameSlots
+from speculative_av.core.deadline import DeadlinePolicy
+from speculative_av.core.detections import Detections
+from speculative_av.core.stats import SpeculationStats
+from speculative_av.detectors.torchvision_detector import TorchvisionDetector
+from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
+                                                 ImageConversionError, rgb_to_image_msg)
+from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
+                                         label_info_msg, LOCAL_SOURCE, source_status,
+                                         summary_status)
+from speculative_av.ros.parameters import declare
+
+LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
+
+
+def _camera_topic(camera: str, leaf: str) -> str:
+    """Return ``leaf`` under the camera's name; relative, so namespaces and remapping apply."""
+    return f'{camera}/{leaf}' if camera else leaf
+
+
+@dataclass
+class _Camera:
+    """The topics of one camera."""
+
+    name: str
+    fused: LifecyclePublisher
+    local: LifecyclePublisher
+    cloud: LifecyclePublisher
+    debug: LifecyclePublisher
+    subscription: Subscription | None = None
+
+    def topic(self, leaf: str) -> str:
+        return _camera_topic(self.name, leaf)
+
+
+@dataclass
+class _Frame:
+    """A received frame waiting for the worker."""
+
+    msg: Image | CompressedImage
+    arrival_ns: int
+
+
+@dataclass
+class _InFlight:
+    """What the node keeps about an open race besides the arbiter's state."""
+
+    camera: _Camera
+    header: Header
+    rgb: npt.NDArray[np.uint8] | None  # kept only while someone watches debug_image
+    calls: dict[str, grpc.Future]
+
+
+class SpeculativeDetector(LifecycleNode):
+    """Fuse a local torchvision detector and gRPC cloud detectors under a per-frame deadline."""
+
+    def __init__(self, **kwargs: object) -> None:
+        """Declare every parameter; nothing heavy happens until configure."""
+        super().__init__('speculative_detector', **kwargs)  # type: ignore[arg-type]
+        self.autostart = declare(self, 'autostart', True,
+                                 'Configure and activate on start-up.', read_only=True)
+        declare(self, 'cameras', [''],
+                'Camera names; topics become <name>/image, <name>/detections, ... '
+                "('' = one camera on image, detections, ...).", read_only=True)
+        declare(self, 'image_transport', 'raw',
+                "'raw' subscribes sensor_msgs/Image on image; 'compressed' subscribes "
+                'sensor_msgs/CompressedImage (jpeg/png) on image/compressed.', read_only=True)
+        self._policy = DeadlinePolicy.from_ms(
+            declare(self, 'deadline_ms', 150.0,
+                    'Per-frame budget in ms; the fused result is never later than this '
+                    '(unless the local detector itself is slower). Settable at run time.'),
+            declare(self, 'deadline_reference', 'stamp',
+                    "What the deadline counts from: 'stamp' (image header stamp) or "
+                    "'arrival' (reception by this node). Settable at run time."))
+        declare(self, 'local.model', 'ssdlite320_mobilenet_v3_large',
+                'torchvision detection architecture of the on-board detector.', read_only=True)
+        declare(self, 'local.weights', 'DEFAULT',
+                "'DEFAULT' (torchvision's pretrained weights), a checkpoint path, or 'random' "
+                '(tests only).', read_only=True)
+        declare(self, 'local.device', 'cpu', 'cpu, cuda or cuda:N.', read_only=True)
+        declare(self, 'local.score_threshold', 0.3,
+                'Detections scoring below this are dropped (both sources).', read_only=True)
+        declare(self, 'local.threads', 0, 'torch intra-op threads; 0 = torch default.',
+                read_only=True)
+        declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
+        declare(self, 'cloud.endpoints', ['localhost:50051'],
+                "Cloud detectors as '[name=]host:port[@priority]'; local has priority 0, "
+                'cloud defaults to 10.', read_only=True)
+        declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.')
+        declare(self, 'cloud.max_image_side', 0,
+                'Downscale frames so their longer side is at most this before sending '
+                '(0 = full size); replies are mapped back to full-size pixels.')
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._lock = threading.RLock()
+        self._arbiter = Arbiter()
+        self._stats = SpeculationStats()
+        self._counters = {'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0,
+                          'stale_frames': 0}
+        self._inflight: dict[FrameKey, _InFlight] = {}
+        self._slots: LatestFrameSlots[_Frame] = LatestFrameSlots()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._endpoints: list[CloudEndpoint] = []
+        self._sources: dict[str, Source] = {}
+        self._running = False
+        self._cameras: list[_Camera] = []
+        self._detector: TorchvisionDetector | None = None
+        self._last_error_log = 0.0
+
+    # Lifecycle ---------------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the local model, connect to the cloud endpoints, create publishers."""
+        try:
+            threads = self.get_parameter('local.threads').value
+            self._detector = TorchvisionDetector(
+                self.get_parameter('local.model').value, self.get_parameter('local.weights').value,
+                self.get_parameter('local.device').value,
+                self.get_parameter('local.score_threshold').value, threads=threads or None)
+            specs: list[EndpointSpec] = (
+                parse_endpoints(self.get_parameter('cloud.endpoints').value)
+                if self.get_parameter('cloud.enabled').value else [])
+        except (ValueError, RuntimeError, OSError) as error:
+            self.get_logger().error(f'configure failed: {error}')
+            return TransitionCallbackReturn.FAILURE
+        # Pay the first-inference cost (allocations, kernel selection) before frames count.
+        self._detector.detect(np.zeros((480, 640, 3), np.uint8))
+        self._endpoints = [CloudEndpoint(s.name, s.target) for s in specs]
+        self._sources = {s.name: Source(s.name, s.priority) for s in specs}
+        self.get_logger().info(
+            f'local detector {self._detector.model_name} ({self._detector.model_version}) on '
+            f'{self._detector.device}; cloud: '
+            + (', '.join(f'{s.name}={s.target}@{s.priority}' for s in specs) or 'disabled'))
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._label_info = self.create_lifecycle_publisher(LabelInfo, 'label_info', latched)
+        self._decisions = self.create_lifecycle_publisher(
+            DiagnosticStatus, 'speculation/decisions', 100)
+        self._diagnostics = self.create_lifecycle_publisher(DiagnosticArray, '/diagnostics', 10)
+        for name in self.get_parameter('cameras').value:
+            def publisher(msg_type: type, leaf: str, depth: int = 10) -> LifecyclePublisher:
+                return self.create_lifecycle_publisher(msg_type, _camera_topic(name, leaf), depth)
+
+            self._cameras.append(_Camera(
+                name, publisher(Detection2DArray, 'detections'),
+                publisher(Detection2DArray, 'detections/local'),
+                publisher(Detection2DArray, 'detections/cloud'),
+                publisher(Image, 'debug_image', 2)))
+        self._diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe to the cameras and start the worker and deadline threads."""
+        result = super().on_activate(state)
+        assert self._detector is not None
+        self._label_info.publish(label_info_msg(
+            self._detector.categories, self._detector.score_threshold,
+            Header(stamp=self.get_clock().now().to_msg())))
+        compressed = self.get_parameter('image_transport').value == 'compressed'
+        for camera in self._cameras:
+            msg_type, topic = ((CompressedImage, camera.topic('image/compressed')) if compressed
+                               else (Image, camera.topic('image')))
+            camera.subscription = self.create_subscription(
+                msg_type, topic, partial(self._on_image, camera), qos_profile_sensor_data)
+        self._slots = LatestFrameSlots()
+        self._running = True
+        self._threads = [threading.Thread(target=self._work, name='detector', daemon=True),
+                         threading.Thread(target=self._schedule, name='deadlines', daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop taking frames; frames already in flight resolve by their deadlines."""
+        for camera in self._cameras:
+            if camera.subscription is not None:
+                self.destroy_subscription(camera.subscription)
+                camera.subscription = None
+        self._stop_threads()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release the model, the cloud channels and the publishers."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop everything from any state."""
+        self.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        """Stop the threads and the cloud channels; safe after the ROS context has shut down."""
+        self._stop_threads()
+        for endpoint in self._endpoints:
+            endpoint.stop()
+        self._endpoints = []
+
+    def _stop_threads(self) -> None:
+        self._running = False
+        self._slots.close()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    def _release(self) -> None:
+        self.close()
+        for camera in self._cameras:
+            for publisher in (camera.fused, camera.local, camera.cloud, camera.debug):
+                self.destroy_lifecycle_publisher(publisher)
+        self._cameras, self._detector = [], None
+
+    def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        """Apply run-time changes of the deadline; reject invalid values."""
+        budget = self._policy.budget_ns / 1e6
+        reference = self._policy.reference.value
+        for parameter in parameters:
+            if parameter.name == 'deadline_ms':
+                budget = parameter.value
+            elif parameter.name == 'deadline_reference':
+                reference = parameter.value
+        try:
+            policy = DeadlinePolicy.from_ms(budget, reference)
+        except ValueError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        self._policy = policy  # applies to frames that start after this point
+        return SetParametersResult(successful=True)
+
+    # Frames ------------------------------------------------------------------------------
+
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_image(self, camera: _Camera, msg: Image | CompressedImage) -> None:
+        self._counters['frames_received'] += 1
+        self._slots.put(camera.name, _Frame(msg, self._now_ns()))
+
+    def _work(self) -> None:
+        while self._running:
+            taken = self._slots.take(timeout=0.5)
+            if taken is not None:
+                camera = next(c for c in self._cameras if c.name == taken[0])
+                self._process(camera, taken[1])
+
+    def _process(self, camera: _Camera, frame: _Frame) -> None:
+        assert self._detector is not None
+        msg = frame.msg
+        try:
+            rgb = (compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage)
+                   else image_msg_to_rgb(msg))
+        except ImageConversionError as error:
+            self._counters['invalid_images'] += 1
+            self._throttled_error(f'dropping image on {camera.topic("image")}: {error}')
+            return
+        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+        start_ns = self._now_ns()
+        deadline_ns = self._policy.deadline_ns(stamp_ns, frame.arrival_ns)
+        endpoints = [e for e in self._endpoints if e.healthy] if self.get_parameter(
+            'cloud.enabled').value else []
+        with self._lock:
+            key = self._arbiter.open(camera.name, stamp_ns, start_ns, deadline_ns,
+                                     [LOCAL, *(self._sources[e.name] for e in endpoints)])
+            if key is None:
+                self._counters['stale_frames'] += 1
+                return
+            self._counters['frames_processed'] += 1
+            watch = camera.debug.get_subscription_count() > 0
+            inflight = _InFlight(camera, msg.header, rgb if watch else None, {})
+            self._inflight[key] = inflight
+        self._wake.set()
+        if endpoints:
+            self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+        try:
+            local = self._detector.detect(rgb)
+        except Exception as error:  # a model failure must not stop the node
+            self._throttled_error(f'local inference failed: {error!r}')
+            self._apply(lambda now: self._arbiter.fail(key, LOCAL.name, now, repr(error)))
+            return
+        camera.local.publish(detections_msg(local, msg.header))
+        self._apply(lambda now: self._arbiter.arrive(key, LOCAL.name, local, now))
+
+    def _dispatch(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
+                  stamp_ns: int, deadline_ns: int, endpoints: list[CloudEndpoint]) -> None:
+        encoded = encode_frame(rgb, jpeg_quality=self.get_parameter('cloud.jpeg_quality').value,
+                               max_image_side=self.get_parameter('cloud.max_image_side').value)
+        for endpoint in endpoints:
+            remaining_ns = deadline_ns - self._now_ns()
+            if remaining_ns <= 0:
+                self._apply(partial(self._fail_now, key, endpoint.name, 'no time left'))
+                continue
+            with self._lock:
+                if not self._arbiter.is_pending(key, endpoint.name):
+                    continue  # already decided and cancelled before we got here
+                inflight.calls[endpoint.name] = endpoint.submit(
+                    encoded, inflight.header.frame_id, stamp_ns, remaining_ns / 1e9,
+                    time.time_ns() + remaining_ns, partial(self._on_cloud_reply, key))
+
+    def _fail_now(self, key: FrameKey, source: str, error: str, now: int) -> Outcome:
+        return self._arbiter.fail(key, source, now, error)
+
+    def _on_cloud_reply(self, key: FrameKey, reply: CloudReply) -> None:
+        inflight = self._inflight.get(key)
+        if reply.ok:
+            if inflight is not None:
+                inflight.camera.cloud.publish(detections_msg(reply.detections, inflight.header))
+            self._apply(lambda now: self._arbiter.arrive(key, reply.endpoint, reply.detections,
+                                                         now))
+        elif reply.error.startswith('CANCELLED'):
+            self._apply(lambda now: self._arbiter.cancelled(key, reply.endpoint, now))
+        else:
+            self._apply(lambda now: self._arbiter.fail(key, reply.endpoint, now, reply.error))
+
+    def _schedule(self) -> None:
+        """Call the arbiter at each deadline (woken early when a new frame opens)."""
+        while self._running:
+            with self._lock:
+                next_ns = self._arbiter.next_deadline_ns()
+            timeout = 0.5 if next_ns is None else max(0.0, (next_ns - self._now_ns()) / 1e9)
+            self._wake.wait(timeout)
+            self._wake.clear()
+            self._apply(self._arbiter.tick)
+
+    def _apply(self, call: object) -> None:
+        """Run an arbiter call under the lock, publish what it releases, cancel what it asks."""
+        with self._lock:
+            outcome: Outcome = call(self._now_ns())  # type: ignore[operator]
+            for decision in outcome.decisions:
+                inflight = self._inflight[decision.key]
+                inflight.camera.fused.publish(detections_msg(decision.detections,
+                                                             inflight.header))
+                if inflight.rgb is not None:
+                    self._publish_debug(inflight, decision.detections, decision.winner,
+                                        decision.late)
+            for record in outcome.settled:
+                self._stats.add(record)
+                inflight = self._inflight.pop(record.key)
+                self._decisions.publish(decision_status(
+                    record, inflight.header.frame_id, self._policy.budget_ns / 1e6,
+                    list(self._sources)))
+            calls = [self._inflight[k].calls.get(s) for k, s in outcome.cancel
+                     if k in self._inflight]
+        for call_future in calls:
+            if call_future is not None:
+                call_future.cancel()
+
+    def _publish_debug(self, inflight: _InFlight, detections: Detections, winner: str | None,
+                       late: bool) -> None:
+        assert inflight.rgb is not None and self._detector is not None
+        canvas = draw_debug_image(inflight.rgb, detections, self._detector.categories, winner,
+                                  late)
+        inflight.camera.debug.publish(rgb_to_image_msg(canvas, inflight.header))
+
+    def _throttled_error(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= 1.0:
+            self._last_error_log = now
+            self.get_logger().error(text)
+
+    def _publish_diagnostics(self) -> None:
+        with self._lock:
+            health = {e.name: e.health_state for e in self._endpoints}
+            statuses = [source_status(self.get_name(), name, self._stats.source(name),
+                                      health.get(name, 'SERVING'))
+                        for name in [LOCAL.name, *self._sources]]
+            counters = {**self._counters, 'dropped_frames': sum(self._slots.dropped.values()),
+                        'late': self._stats.late, 'no_winner': self._stats.no_winner}
+            statuses.append(summary_status(self.get_name(), counters))
+        self._diagnostics.publish(DiagnosticArray(
+            header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the node, configuring and activating it unless ``autostart:=false``."""
+    # Own SIGINT/SIGTERM: worker threads must stop before the ROS context goes away.
+    rclpy.init(args=args if args is not None else sys.argv,
+               signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    node = SpeculativeDetector()
+    try:
+        if node.autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal('configuration failed; exiting')
+                return 1
+            node.trigger_activate()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
