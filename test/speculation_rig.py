@@ -51,14 +51,17 @@ def detector_command(**parameters: object) -> list[str]:
                          *ros_args(**{**defaults, **parameters}))
 
 
-def camera_command(rate_hz: float = 10.0, frame_id: str = 'cam_front') -> list[str]:
+def camera_command(rate_hz: float = 10.0, frame_id: str = 'cam_front', namespace: str = '',
+                   wait_for_subscribers: int = 2, **parameters: object) -> list[str]:
     """Return a synthetic 640x480 camera that starts once detector and observer subscribed.
 
     It publishes reliably so the observer sees every input header; the detector's best-effort
     subscription is compatible with that and sees the same stream.
     """
-    return python_module('speculative_av.ros.synthetic_camera', *ros_args(
-        rate_hz=rate_hz, frame_id=frame_id, wait_for_subscribers=2, reliable=True))
+    command = python_module('speculative_av.ros.synthetic_camera', *ros_args(
+        rate_hz=rate_hz, frame_id=frame_id, wait_for_subscribers=wait_for_subscribers,
+        reliable=True, **parameters))
+    return command + (['-r', f'__ns:=/{namespace}'] if namespace else [])
 
 
 @dataclass

@@ -118,3 +118,34 @@ def test_server_killed_mid_stream_and_restarted_is_survived():
 @pytest.fixture(autouse=True)
 def _from_repo_root(monkeypatch, request):
     monkeypatch.chdir(request.config.rootpath)
+
+
+def test_two_compressed_cameras_share_one_node_and_bad_input_is_counted():
+    from sensor_msgs.msg import CompressedImage
+    from vision_msgs.msg import Detection2DArray
+    fused: dict[str, list] = {'front': [], 'rear': []}
+    with observer() as observed, \
+            detector(**{'cameras': '["front", "rear"]', 'image_transport': 'compressed',
+                        'cloud.enabled': False, 'deadline_ms': 800.0}):
+        for name, store in fused.items():
+            observed.node.create_subscription(Detection2DArray, f'{name}/detections',
+                                              store.append, 100)
+        garbage = observed.node.create_publisher(CompressedImage, 'rear/image/compressed', 10)
+        wait_until(lambda: garbage.get_subscription_count() > 0, 30, 'the rear subscription')
+        bad = CompressedImage(format='jpeg', data=b'not a jpeg at all')
+        bad.header.frame_id = 'cam_rear'
+        garbage.publish(bad)
+        cameras = [camera_command(rate_hz=3.0, frame_id=f'cam_{name}', namespace=name,
+                                  wait_for_subscribers=1, transport='compressed')
+                   for name in fused]
+        with running(cameras[0]), running(cameras[1]):
+            wait_until(lambda: min(len(v) for v in fused.values()) >= 4, 60,
+                       'fused results on both cameras')
+            wait_until(lambda: observed.diagnostics and int(
+                observed.diagnostics[-1]['speculation']['invalid_images']) >= 1, 10,
+                'the invalid image to be counted')
+    for name, messages in fused.items():
+        assert {m.header.frame_id for m in messages} == {f'cam_{name}'}
+        stamps = [(m.header.stamp.sec, m.header.stamp.nanosec) for m in messages]
+        assert stamps == sorted(set(stamps))
+    assert {d['hardware_id'] for d, _ in observed.decisions} == {'cam_front', 'cam_rear'}

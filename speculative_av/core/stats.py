@@ -1,12 +1,17 @@
 """Running statistics of the speculation, per source, for diagnostics and summaries."""
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from speculative_av.core.arbiter import FrameRecord, SourceState
+
+
+def percentile(window: deque[float], q: float) -> float | None:
+    """Return the ``q``-th percentile of ``window``, None while it is empty."""
+    return float(np.percentile(window, q)) if window else None
 
 
 @dataclass
@@ -23,7 +28,7 @@ class SourceStats:
 
     def percentile_ms(self, q: float) -> float | None:
         """Return the ``q``-th latency percentile of the window, None before any arrival."""
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+        return percentile(self.latencies_ms, q)
 
 
 @dataclass
@@ -36,7 +41,9 @@ class SpeculationStats:
     late: int = 0
     no_winner: int = 0
     lateness_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    errors: Counter[str] = field(default_factory=Counter)  # invalid input etc., by reason
+    # Per-frame time the node spends besides inference (conversion, encoding, arbitration,
+    # message building, publishing): what speculation costs on the vehicle.
+    overhead_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
     def source(self, name: str) -> SourceStats:
         """Return ``name``'s stats, creating them on first use."""

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType
 
@@ -40,7 +40,7 @@ from speculative_av.core.arbiter import Arbiter, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
-from speculative_av.core.stats import SpeculationStats
+from speculative_av.core.stats import percentile, SpeculationStats
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  ImageConversionError, rgb_to_image_msg)
@@ -88,6 +88,7 @@ class _InFlight:
     header: Header
     rgb: npt.NDArray[np.uint8] | None  # kept only while someone watches debug_image
     calls: dict[str, grpc.Future]
+    messages: dict[str, Detection2DArray] = field(default_factory=dict)  # per source, built once
 
 
 class SpeculativeDetector(LifecycleNode):
@@ -283,13 +284,15 @@ class SpeculativeDetector(LifecycleNode):
 
     def _process(self, camera: _Camera, frame: _Frame) -> None:
         assert self._detector is not None
+        began = time.perf_counter()
         msg = frame.msg
         try:
             rgb = (compressed_msg_to_rgb(msg) if isinstance(msg, CompressedImage)
                    else image_msg_to_rgb(msg))
         except ImageConversionError as error:
             self._counters['invalid_images'] += 1
-            self._throttled_error(f'dropping image on {camera.topic("image")}: {error}')
+            topic = camera.subscription.topic_name if camera.subscription else camera.name
+            self._throttled_error(f'dropping image on {topic}: {error}')
             return
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
         start_ns = self._now_ns()
@@ -309,14 +312,20 @@ class SpeculativeDetector(LifecycleNode):
         self._wake.set()
         if endpoints:
             self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+        inference_began = time.perf_counter()
         try:
             local = self._detector.detect(rgb)
         except Exception as error:  # a model failure must not stop the node
             self._throttled_error(f'local inference failed: {error!r}')
             self._apply(lambda now: self._arbiter.fail(key, LOCAL.name, now, repr(error)))
             return
-        camera.local.publish(detections_msg(local, msg.header))
+        inference_s = time.perf_counter() - inference_began
+        local_msg = detections_msg(local, msg.header)
+        inflight.messages[LOCAL.name] = local_msg
+        camera.local.publish(local_msg)
         self._apply(lambda now: self._arbiter.arrive(key, LOCAL.name, local, now))
+        with self._lock:
+            self._stats.overhead_ms.append((time.perf_counter() - began - inference_s) * 1e3)
 
     def _dispatch(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
                   stamp_ns: int, deadline_ns: int, endpoints: list[CloudEndpoint]) -> None:
@@ -341,7 +350,9 @@ class SpeculativeDetector(LifecycleNode):
         inflight = self._inflight.get(key)
         if reply.ok:
             if inflight is not None:
-                inflight.camera.cloud.publish(detections_msg(reply.detections, inflight.header))
+                cloud_msg = detections_msg(reply.detections, inflight.header)
+                inflight.messages[reply.endpoint] = cloud_msg
+                inflight.camera.cloud.publish(cloud_msg)
             self._apply(lambda now: self._arbiter.arrive(key, reply.endpoint, reply.detections,
                                                          now))
         elif reply.error.startswith('CANCELLED'):
@@ -365,8 +376,9 @@ class SpeculativeDetector(LifecycleNode):
             outcome: Outcome = call(self._now_ns())  # type: ignore[operator]
             for decision in outcome.decisions:
                 inflight = self._inflight[decision.key]
-                inflight.camera.fused.publish(detections_msg(decision.detections,
-                                                             inflight.header))
+                fused = inflight.messages.get(decision.winner or '')
+                inflight.camera.fused.publish(
+                    fused or detections_msg(decision.detections, inflight.header))
                 if inflight.rgb is not None:
                     self._publish_debug(inflight, decision.detections, decision.winner,
                                         decision.late)
@@ -401,8 +413,12 @@ class SpeculativeDetector(LifecycleNode):
             statuses = [source_status(self.get_name(), name, self._stats.source(name),
                                       health.get(name, 'SERVING'))
                         for name in [LOCAL.name, *self._sources]]
-            counters = {**self._counters, 'dropped_frames': sum(self._slots.dropped.values()),
-                        'late': self._stats.late, 'no_winner': self._stats.no_winner}
+            counters: dict[str, int | float] = {
+                **self._counters, 'dropped_frames': sum(self._slots.dropped.values()),
+                'late': self._stats.late, 'no_winner': self._stats.no_winner}
+            for q in (50, 95):
+                value = percentile(self._stats.overhead_ms, q)
+                counters[f'node_overhead_ms_p{q}'] = round(value, 3) if value is not None else 0
             statuses.append(summary_status(self.get_name(), counters))
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))

@@ -13,10 +13,10 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from speculative_av.ros.image_conversion import rgb_to_image_msg
+from speculative_av.ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 from speculative_av.ros.parameters import declare
 
 # (color RGB, lane y as a fraction of the height, size as a fraction of the height, speed px/frame)
@@ -57,6 +57,11 @@ class SyntheticCamera(Node):
         self._count = declare(self, 'count', 0, 'Frames to publish before exiting; 0 = forever.')
         self._frame_id = declare(self, 'frame_id', 'camera', 'header.frame_id of every image.')
         self._encoding = declare(self, 'encoding', 'rgb8', 'Image encoding: rgb8, bgr8 or mono8.')
+        self._compressed = declare(
+            self, 'transport', 'raw',
+            "'raw' publishes sensor_msgs/Image on image; 'compressed' publishes JPEG "
+            'sensor_msgs/CompressedImage on image/compressed.') == 'compressed'
+
         reliable = declare(
             self, 'reliable', False,
             'Publish with reliable QoS instead of the sensor-data (best effort) profile.')
@@ -65,7 +70,8 @@ class SyntheticCamera(Node):
             'Hold the first frame until this many subscriptions have matched.')
         qos = (QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
                if reliable else qos_profile_sensor_data)
-        self._publisher = self.create_publisher(Image, 'image', qos)
+        self._publisher = (self.create_publisher(CompressedImage, 'image/compressed', qos)
+                           if self._compressed else self.create_publisher(Image, 'image', qos))
         self._index = 0
         self.done = False
         self.create_timer(1.0 / rate_hz, self._tick)
@@ -75,7 +81,8 @@ class SyntheticCamera(Node):
             return
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self._frame_id)
         frame = render_frame(self._index, self._width, self._height)
-        self._publisher.publish(rgb_to_image_msg(frame, header, self._encoding))
+        self._publisher.publish(rgb_to_compressed_msg(frame, header) if self._compressed
+                                else rgb_to_image_msg(frame, header, self._encoding))
         self._index += 1
         if self._count and self._index >= self._count:
             self._publisher.wait_for_all_acked()

@@ -1,0 +1,38 @@
+"""Slow measurements that print figures (run with `make benchmark`); no timed asserts."""
+import numpy as np
+import pytest
+from ros_harness import running, wait_until
+from speculation_rig import camera_command, cloud_server, detector, free_port, observer
+
+pytestmark = pytest.mark.benchmark
+
+
+def test_fused_publish_lateness_and_node_overhead_640x480_30hz():
+    """The cloud replies after the deadline, so every fused result is deadline-driven."""
+    port, deadline_ms, frames = free_port(), 250.0, 150
+    with observer() as observed, cloud_server(port, extra_latency_ms=1000), \
+            detector(**{'deadline_ms': deadline_ms, 'cloud.endpoints': f'["127.0.0.1:{port}"]',
+                        'local.threads': 1}), \
+            running(camera_command(rate_hz=30.0)):
+        observed.wait_for_decisions(frames, timeout=120)
+        seen = len(observed.diagnostics)
+        wait_until(lambda: len(observed.diagnostics) > seen, 5, 'fresh diagnostics')
+    decisions = [d for d, _ in observed.decisions]
+    after_deadline = np.array([float(d['published_after_deadline_ms']) for d in decisions])
+    ready = np.array([float(d['winner_ready_after_deadline_ms']) for d in decisions])
+    on_time = ready < 0  # local was ready before the deadline: the deadline made the choice
+    lateness = after_deadline[on_time]
+    overhead = after_deadline - np.maximum(ready, 0)
+    summary = observed.diagnostics[-1]['speculation']
+    received, processed = int(summary['frames_received']), int(summary['frames_processed'])
+    print(f'\nframes received {received}, processed {processed}, dropped '
+          f'{summary["dropped_frames"]}, late {summary["late"]}')
+    print(f'fused publish after the deadline ({on_time.sum()} deadline-driven frames): '
+          f'p50 {np.median(lateness):.2f} ms, p99 {np.percentile(lateness, 99):.2f} ms, '
+          f'max {lateness.max():.2f} ms')
+    print(f'fused publish after max(deadline, local ready), all {len(decisions)} frames: '
+          f'p50 {np.median(overhead):.2f} ms, p99 {np.percentile(overhead, 99):.2f} ms')
+    print(f'node overhead per frame besides inference: p50 {summary["node_overhead_ms_p50"]} '
+          f'ms, p95 {summary["node_overhead_ms_p95"]} ms')
+    local = np.array([float(d['local_latency_ms']) for d in decisions if d['local_latency_ms']])
+    print(f'local latency (start to result): p50 {np.median(local):.1f} ms')
