@@ -1,0 +1,1 @@
+"""Command-line tools: bag replay and recording, network relay, evaluation."""
