@@ -7,22 +7,32 @@ PACKAGE = 'speculative_av'
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def config_path(relative: str) -> Path:
+def package_path(relative: str) -> Path:
     """
-    Return the path of ``config/<relative>`` of this package.
+    Return the path of ``<relative>`` (e.g. ``config/vehicle.yaml``) of this package.
 
     Run from a source checkout (``package.xml`` beside the Python package, as with ``PYTHONPATH``
-    or ``colcon build --symlink-install``) that is the checkout's ``config`` directory; run from
-    an install, the ``share/speculative_av/config`` directory found through the ament index.
+    or ``colcon build --symlink-install``) that is inside the checkout; run from an install, inside
+    the ``share/speculative_av`` directory found through the ament index.
     """
     if (_CHECKOUT / 'package.xml').is_file():
-        return _CHECKOUT / 'config' / relative
+        return _CHECKOUT / relative
     try:
         # Imported here: a source checkout needs no ament index.
         from ament_index_python.packages import get_package_share_directory
         share = get_package_share_directory(PACKAGE)
     except (ImportError, LookupError) as exc:
         raise FileNotFoundError(
-            f'config/{relative}: not in a source checkout, and {PACKAGE} is not in the ament '
-            f'index (source its install/setup.bash): {exc}') from exc
-    return Path(share) / 'config' / relative
+            f'{relative}: not in a source checkout, and {PACKAGE} is not in the ament index '
+            f'(source its install/setup.bash): {exc}') from exc
+    return Path(share) / relative
+
+
+def config_path(relative: str) -> Path:
+    """Return the path of ``config/<relative>``."""
+    return package_path(f'config/{relative}')
+
+
+def model_path(name: str) -> Path:
+    """Return the path of the shipped checkpoint ``models/<name>``."""
+    return package_path(f'models/{name}')

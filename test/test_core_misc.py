@@ -58,3 +58,16 @@ def test_detections_normalise_and_transform():
     assert len(Detections.empty()) == 0
     with pytest.raises(ValueError):
         Detections([[0, 0, 1, 1]], [0.5, 0.6], [1])
+
+
+def test_detections_survive_the_vision_msgs_round_trip():
+    from std_msgs.msg import Header
+
+    from speculative_av.ros.messages import detections_from_msg, detections_msg
+    original = Detections([[10, 20, 30, 60], [1.5, 2.5, 3.5, 4.5]], [0.9, 0.4], [3, 1])
+    msg = detections_msg(original, Header(frame_id='cam'))
+    assert msg.detections[0].bbox.center.position.x == 20 and msg.detections[0].bbox.size_y == 40
+    back = detections_from_msg(msg)
+    np.testing.assert_allclose(back.boxes, original.boxes)
+    np.testing.assert_allclose(back.scores, original.scores, rtol=1e-6)
+    assert back.labels.tolist() == [3, 1]

@@ -85,14 +85,20 @@ class Relay:
         _LOG.debug('connection from %s relayed', peer)
         lines = {direction: DelayLine(self._links[direction]) for direction in DIRECTIONS}
         try:
-            async with asyncio.TaskGroup() as group:
-                for direction, reader, writer in zip(DIRECTIONS, (client_reader, server_reader),
-                                                     (server_writer, client_writer)):
-                    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED_CHUNKS)
-                    group.create_task(self._receive(reader, queue, lines[direction]))
-                    group.create_task(self._deliver(queue, writer, direction))
-        except* OSError as errors:  # a reset or broken pipe on either side ends both
-            _LOG.debug('connection from %s: %s', peer, errors.exceptions[0])
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for direction, reader, writer in zip(
+                            DIRECTIONS, (client_reader, server_reader),
+                            (server_writer, client_writer)):
+                        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED_CHUNKS)
+                        group.create_task(self._receive(reader, queue, lines[direction]))
+                        group.create_task(self._deliver(queue, writer, direction))
+            except* OSError as errors:  # a reset or broken pipe on either side ends both
+                _LOG.debug('connection from %s: %s', peer, errors.exceptions[0])
+        except asyncio.CancelledError:
+            # close() is shutting the relay down. End quietly: on Python 3.11, asyncio's
+            # start_server callback logs a cancelled handler task as an error.
+            _LOG.debug('connection from %s dropped at shutdown', peer)
         finally:
             client_writer.close()
             server_writer.close()

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import (LifecycleNode, LifecyclePublisher, LifecycleState,
                             TransitionCallbackReturn)
@@ -185,7 +186,9 @@ class SpeculativeDetector(LifecycleNode):
                 publisher(Detection2DArray, 'detections/local'),
                 publisher(Detection2DArray, 'detections/cloud'),
                 publisher(Image, 'debug_image', 2)))
-        self._diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics)
+        # Health is reported in real time, also while a replay's /clock is paused or absent.
+        self._diagnostics_timer = self.create_timer(
+            1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -365,7 +368,9 @@ class SpeculativeDetector(LifecycleNode):
         while self._running:
             with self._lock:
                 next_ns = self._arbiter.next_deadline_ns()
-            timeout = 0.5 if next_ns is None else max(0.0, (next_ns - self._now_ns()) / 1e9)
+            # Capped: with use_sim_time the clock may jump, or not have started yet.
+            timeout = 0.1 if next_ns is None else min(0.1, max(0.0, (next_ns - self._now_ns())
+                                                               / 1e9))
             self._wake.wait(timeout)
             self._wake.clear()
             self._apply(self._arbiter.tick)
@@ -442,7 +447,8 @@ def main(args: list[str] | None = None) -> int:
                 node.get_logger().fatal('configuration failed; exiting')
                 return 1
             node.trigger_activate()
-        rclpy.spin(node)
+        while rclpy.ok():  # in slices, so the Python signal handler gets to run
+            rclpy.spin_once(node, timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

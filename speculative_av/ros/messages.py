@@ -41,6 +41,23 @@ def detections_msg(detections: Detections, header: Header) -> Detection2DArray:
     return out
 
 
+def detections_from_msg(msg: Detection2DArray) -> Detections:
+    """Return the boxes of a Detection2DArray (rclpy's or a rosbags-deserialized one).
+
+    Each detection's best hypothesis gives its label (class ids are decimal label ids) and score.
+    """
+    boxes, scores, labels = [], [], []
+    for detection in msg.detections:
+        cx, cy = detection.bbox.center.position.x, detection.bbox.center.position.y
+        half_w, half_h = detection.bbox.size_x / 2, detection.bbox.size_y / 2
+        best = max(detection.results, key=lambda r: r.hypothesis.score, default=None)
+        boxes.append([cx - half_w, cy - half_h, cx + half_w, cy + half_h])
+        scores.append(best.hypothesis.score if best else 1.0)
+        labels.append(int(best.hypothesis.class_id) if best else 0)
+    return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores),
+                      np.array(labels))
+
+
 def label_info_msg(categories: Sequence[str], threshold: float, header: Header) -> LabelInfo:
     """Return the label map of the detectors (background and unnamed ids left out)."""
     msg = LabelInfo(header=header, threshold=float(threshold))
