@@ -1,0 +1,134 @@
+"""The training tool, model_kwargs and int8 checkpoints, and the committed trained detectors."""
+from __future__ import annotations
+
+from pathlib import Path
+import statistics
+import time
+
+import pytest
+from speculative_av.detectors.torchvision_detector import (build_model, save_checkpoint,
+                                                           TorchvisionDetector)
+from speculative_av.scenes import CATEGORIES, generate_scene
+from speculative_av.tools import train
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SSDLITE = 'ssdlite320_mobilenet_v3_large'
+COMMITTED = {'local_ssdlite320.pt': SSDLITE,
+             'cloud_frcnn.pt': 'fasterrcnn_mobilenet_v3_large_320_fpn'}
+MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
+SMOKE_ARGS = ['--iterations', '2', '--batch-size', '2', '--eval-scenes', '2', '--image-width',
+              '320', '--image-height', '240', '--threads', '2', '--model-kwarg',
+              'detections_per_img=50']
+
+
+@pytest.fixture(scope='module')
+def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp('train') / 'smoke.pt'
+    assert train.main(['--out', str(path), *SMOKE_ARGS]) == 0
+    return path
+
+
+def test_smoke_run_writes_a_checkpoint_with_its_provenance(smoke_checkpoint: Path) -> None:
+    detector = TorchvisionDetector(SSDLITE, str(smoke_checkpoint), score_threshold=0.0)
+    assert detector.categories == CATEGORIES
+    meta = detector.metadata
+    assert meta['training_command'] == ' '.join(
+        ['python -m speculative_av.tools.train --out', str(smoke_checkpoint), *SMOKE_ARGS])
+    assert meta['architecture'] == SSDLITE and meta['data_seed'] == 0
+    assert meta['images_seen'] == 4 and meta['train_seeds'] == [0, 4]
+    assert meta['heldout_seeds'] == [train.HELDOUT_SEED_BASE, train.HELDOUT_SEED_BASE + 2]
+    assert meta['train_seconds'] > 0 and meta['image_size'] == [320, 240]
+    assert {'mAP', 'mAP50', 'mAP_small', 'mAP_medium', 'mAP_large'} <= set(
+        meta['heldout_metrics'])
+    detections = detector.detect(generate_scene(1, 320, 240).image)
+    assert set(detections.labels.tolist()) <= set(range(1, len(CATEGORIES)))
+
+
+def test_model_kwargs_are_stored_and_honoured_on_load(smoke_checkpoint: Path) -> None:
+    detector = TorchvisionDetector(SSDLITE, str(smoke_checkpoint))
+    assert detector.metadata['model_kwargs'] == {'detections_per_img': 50}
+    assert detector.module.detections_per_img == 50
+
+
+def test_int8_checkpoints_are_smaller_and_load_close_to_the_original(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = build_model(SSDLITE, len(CATEGORIES)).eval()
+    full, packed = tmp_path / 'full.pt', tmp_path / 'int8.pt'
+    for path, int8 in ((full, False), (packed, True)):
+        save_checkpoint(net, path, num_classes=len(CATEGORIES), categories=CATEGORIES, int8=int8)
+    assert packed.stat().st_size < 0.4 * full.stat().st_size
+    loaded = TorchvisionDetector(SSDLITE, str(packed)).module.state_dict()
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            step = tensor.abs().max() / 127
+            assert (loaded[name] - tensor).abs().max() <= step / 2 + 1e-6, name
+
+
+def test_arguments_need_a_budget_and_parse_literal_kwargs() -> None:
+    with pytest.raises(SystemExit):
+        train.parse_args(['--out', 'x.pt'])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--out', 'x.pt', '--iterations', '1', '--model-kwarg', 'oops'])
+    args = train.parse_args(['--out', 'x.pt', '--minutes', '1', '--model-kwarg', 'min_size=480',
+                             '--model-kwarg', 'name=plain'])
+    assert args.model_kwargs == {'min_size': 480, 'name': 'plain'}
+
+
+def test_heldout_seeds_are_out_of_reach_of_training() -> None:
+    seeds = train.heldout_seeds(500)
+    assert len(seeds) == 500 and seeds.start == train.HELDOUT_SEED_BASE
+    assert train.HELDOUT_SEED_BASE >= 100 * train.TRAIN_SEED_STRIDE  # data seeds 0..99
+
+
+def _committed(name: str) -> Path:
+    path = REPO / 'models' / name
+    if not path.is_file():
+        pytest.skip(f'{path} is not committed')
+    return path
+
+
+@pytest.mark.parametrize('name, model', COMMITTED.items())
+def test_committed_checkpoint_is_small_and_loads(name: str, model: str) -> None:
+    path = _committed(name)
+    assert path.stat().st_size < MAX_CHECKPOINT_BYTES
+    detector = TorchvisionDetector(model, str(path))
+    assert detector.categories == CATEGORIES
+    assert detector.metadata['architecture'] == model
+    assert detector.metadata['training_command'].startswith(
+        'python -m speculative_av.tools.train')
+    if 'min_size' in detector.metadata['model_kwargs']:  # the cloud model's input resolution
+        assert detector.module.transform.min_size == (
+            detector.metadata['model_kwargs']['min_size'],)
+
+
+def test_committed_cloud_model_beat_the_local_one_on_the_same_heldout_scenes() -> None:
+    local, cloud = (torch.load(_committed(name), weights_only=True) for name in COMMITTED)
+    assert local['heldout_seeds'] == cloud['heldout_seeds']
+    for key in ('mAP', 'mAP_small'):
+        assert cloud['heldout_metrics'][key] > local['heldout_metrics'][key], key
+
+
+@pytest.mark.benchmark
+def test_committed_checkpoints_heldout_accuracy_and_cpu_latency() -> None:
+    """Re-evaluate both committed models on 200 held-out scenes; time 640x480 frames on CPU."""
+    seeds = train.heldout_seeds(200)
+    images = [generate_scene(seed).image for seed in seeds[:23]]
+    results = {}
+    for name, model in COMMITTED.items():
+        detector = TorchvisionDetector(model, str(_committed(name)), score_threshold=0.0,
+                                       threads=2)
+        metrics = train.evaluate(detector.detect, seeds, 640, 480)
+        timings = []
+        for image in images:
+            start = time.perf_counter()
+            detector.detect(image)
+            timings.append(time.perf_counter() - start)
+        metrics['latency_ms'] = 1e3 * statistics.median(timings[3:])
+        results[name] = metrics
+    print(f'\nheld-out scenes: seeds {seeds.start}..{seeds.stop - 1}')
+    for name, metrics in results.items():
+        print(name, ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
+    local, cloud = results.values()
+    assert cloud['mAP'] > local['mAP'] and cloud['mAP_small'] > local['mAP_small']
+    assert cloud['latency_ms'] < 400
