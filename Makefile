@@ -6,7 +6,7 @@ export SPECULATIVE_AV_VENV := $(VENV)
 # A Python from another ROS-wheels venv exports this guard; inheriting it breaks ours.
 PY := env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/python
 
-.PHONY: env test benchmark demo lock protos
+.PHONY: env test benchmark demo evaluation lock
 
 env:
 	@tools/bootstrap.sh
@@ -18,7 +18,13 @@ benchmark: env
 	$(PY) -m pytest -m benchmark -s $(PYTEST_ARGS)
 
 demo: env
-	@echo "demo: not yet: the speculative detector node lands with issue 3." >&2; exit 2
+	$(PY) -m speculative_av.tools.demo $(DEMO_ARGS)
+
+# The README's evaluation table: a held-out drive (seed 11), both trained models, two networks.
+evaluation: env
+	test -d out/eval_recording || \
+	    $(PY) -m speculative_av.tools.make_recording out/eval_recording --frames 200 --seed 11
+	$(PY) -m speculative_av.tools.evaluate out/eval_recording $(EVALUATE_ARGS)
 
 lock:
 	tools/lock.sh

@@ -8,16 +8,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.executors import SingleThreadedExecutor
 from ros_harness import python_module, ros_args, running, stop, wait_until
 from sensor_msgs.msg import Image
 from vision_msgs.msg import Detection2DArray
+
+from speculative_av.ros.spinning import background_node
 
 MODEL = 'ssdlite320_mobilenet_v3_large'  # ~31 ms per 640x480 frame on this machine's CPU
 
@@ -116,20 +116,8 @@ class Observer:
 @contextlib.contextmanager
 def observer(name: str = 'planning_observer') -> Iterator[Observer]:
     """Spin an :class:`Observer` node in a background thread for the block's duration."""
-    rclpy.init()
-    node = rclpy.create_node(name)
-    watcher = Observer(node)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    spinning = threading.Thread(target=executor.spin, daemon=True)
-    spinning.start()
-    try:
-        yield watcher
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown()
-        spinning.join(5)
+    with background_node(name) as node:
+        yield Observer(node)
 
 
 @contextlib.contextmanager

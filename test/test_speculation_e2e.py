@@ -3,9 +3,12 @@ import signal
 
 import numpy as np
 import pytest
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from ros_harness import running, wait_until
-from speculation_rig import (camera_command, cloud_server, detector, free_port, observer,
-                             Observer)
+from sensor_msgs.msg import CompressedImage, Image
+from speculation_rig import (camera_command, cloud_server, detector, free_port, Observer,
+                             observer)
+from vision_msgs.msg import Detection2DArray, LabelInfo
 
 # The fused result may leave this long after max(deadline, winner ready): scheduler wake-up,
 # GIL hand-over from the inference thread and message building. Measured figures are printed.
@@ -121,15 +124,15 @@ def _from_repo_root(monkeypatch, request):
 
 
 def test_two_compressed_cameras_share_one_node_and_bad_input_is_counted():
-    from sensor_msgs.msg import CompressedImage
-    from vision_msgs.msg import Detection2DArray
     fused: dict[str, list] = {'front': [], 'rear': []}
+    debug_images: list[Image] = []
     with observer() as observed, \
             detector(**{'cameras': '["front", "rear"]', 'image_transport': 'compressed',
                         'cloud.enabled': False, 'deadline_ms': 800.0}):
         for name, store in fused.items():
             observed.node.create_subscription(Detection2DArray, f'{name}/detections',
                                               store.append, 100)
+        observed.node.create_subscription(Image, 'front/debug_image', debug_images.append, 10)
         garbage = observed.node.create_publisher(CompressedImage, 'rear/image/compressed', 10)
         wait_until(lambda: garbage.get_subscription_count() > 0, 30, 'the rear subscription')
         bad = CompressedImage(format='jpeg', data=b'not a jpeg at all')
@@ -144,8 +147,43 @@ def test_two_compressed_cameras_share_one_node_and_bad_input_is_counted():
             wait_until(lambda: observed.diagnostics and int(
                 observed.diagnostics[-1]['speculation']['invalid_images']) >= 1, 10,
                 'the invalid image to be counted')
+            wait_until(lambda: debug_images, 10, 'a debug image of the front camera')
+        # Joining late still yields the label map: label_info is transient local.
+        labels: list[LabelInfo] = []
+        observed.node.create_subscription(
+            LabelInfo, 'label_info', labels.append,
+            QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        wait_until(lambda: labels, 10, 'the latched label map')
+    assert labels[0].class_map[0].class_name == 'person'  # COCO label 1 (random weights)
+    assert (debug_images[0].header.frame_id, debug_images[0].width,
+            debug_images[0].encoding) == ('cam_front', 640, 'rgb8')
     for name, messages in fused.items():
         assert {m.header.frame_id for m in messages} == {f'cam_{name}'}
         stamps = [(m.header.stamp.sec, m.header.stamp.nanosec) for m in messages]
         assert stamps == sorted(set(stamps))
     assert {d['hardware_id'] for d, _ in observed.decisions} == {'cam_front', 'cam_rear'}
+
+
+def test_autostart_false_waits_for_lifecycle_transitions():
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    def call(client, request):
+        wait_until(client.service_is_ready, 30, f'service {client.srv_name}')
+        future = client.call_async(request)
+        wait_until(future.done, 60, f'a reply from {client.srv_name}')
+        return future.result()
+
+    with observer() as observed, detector(**{'autostart': False, 'cloud.enabled': False}), \
+            running(camera_command(rate_hz=5.0)):
+        get_state = observed.node.create_client(GetState, 'speculative_detector/get_state')
+        change = observed.node.create_client(ChangeState, 'speculative_detector/change_state')
+        state = call(get_state, GetState.Request()).current_state
+        assert state.id == State.PRIMARY_STATE_UNCONFIGURED
+        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            assert call(change, ChangeState.Request(transition=Transition(id=transition))).success
+        assert call(get_state, GetState.Request()).current_state.id == State.PRIMARY_STATE_ACTIVE
+        observed.wait_for_decisions(3)
+        assert call(change, ChangeState.Request(
+            transition=Transition(id=Transition.TRANSITION_DEACTIVATE))).success
+    assert set(observed.winners()) == {'local'}

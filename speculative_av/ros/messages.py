@@ -61,8 +61,8 @@ def detections_from_msg(msg: Detection2DArray) -> Detections:
 def label_info_msg(categories: Sequence[str], threshold: float, header: Header) -> LabelInfo:
     """Return the label map of the detectors (background and unnamed ids left out)."""
     msg = LabelInfo(header=header, threshold=float(threshold))
-    msg.class_map = [VisionClass(class_id=i, class_name=name)
-                     for i, name in enumerate(categories) if name and name != 'N/A']
+    msg.class_map = [VisionClass(class_id=i, class_name=name) for i, name in enumerate(categories)
+                     if name and name not in ('N/A', '__background__')]
     return msg
 
 
