@@ -71,3 +71,12 @@ def test_detections_survive_the_vision_msgs_round_trip():
     np.testing.assert_allclose(back.boxes, original.boxes)
     np.testing.assert_allclose(back.scores, original.scores, rtol=1e-6)
     assert back.labels.tolist() == [3, 1]
+
+
+def test_labels_are_translated_by_class_name_and_unknown_ones_dropped():
+    from speculative_av.core.detections import label_mapping
+    mapping = label_mapping(['bg', 'person', 'car', 'boat'], ['bg', 'car', 'person'])
+    assert mapping.tolist() == [0, 2, 1, -1]
+    d = Detections([[0, 0, 1, 1]] * 4, [0.9, 0.8, 0.7, 0.6], [1, 2, 3, 7])
+    out = d.relabeled(mapping)
+    assert out.labels.tolist() == [2, 1] and out.scores.tolist() == pytest.approx([0.9, 0.8])

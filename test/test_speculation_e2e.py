@@ -45,14 +45,14 @@ def _after_max_of_deadline_and_winner_ms(observed: Observer) -> np.ndarray:
 def test_cloud_faster_than_the_deadline_wins():
     port = free_port()
     with observer() as observed, cloud_server(port), \
-            detector(**{'deadline_ms': 400.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]'}), \
-            running(camera_command(rate_hz=5.0)):
+            detector(**{'deadline_ms': 1000.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]'}), \
+            running(camera_command(rate_hz=3.0)):
         observed.wait_for_decisions(12)
     winners = observed.winners(since=2)  # the first frames may pay for warm-up
     assert winners.count('cloud') >= 0.8 * len(winners), '\n'.join(observed.outcomes())
     cloud_latency = _floats(observed, 'cloud_latency_ms')
     assert all(d['winner'] == 'cloud' for d, _ in observed.decisions
-               if d['cloud_latency_ms'] and float(d['cloud_latency_ms']) <= 400.0)
+               if d['cloud_latency_ms'] and float(d['cloud_latency_ms']) <= 1000.0)
     _check_one_fused_per_frame_with_image_headers(observed)
     print(f'cloud latency ms p50={np.median(cloud_latency):.1f}')
 
@@ -102,8 +102,8 @@ def test_no_cloud_server_every_frame_gets_local_within_the_deadline():
 
 def test_server_killed_mid_stream_and_restarted_is_survived():
     port = free_port()
-    params = {'deadline_ms': 400.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]'}
-    with observer() as observed, detector(**params), running(camera_command(rate_hz=5.0)):
+    params = {'deadline_ms': 1000.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]'}
+    with observer() as observed, detector(**params), running(camera_command(rate_hz=3.0)):
         with cloud_server(port) as server:
             wait_until(lambda: 'cloud' in observed.winners(), 60, 'a cloud win')
             server.send_signal(signal.SIGKILL)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +47,21 @@ class Detections:
         keep = self.scores >= min_score
         return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
 
+    def relabeled(self, mapping: npt.NDArray[np.int64]) -> Detections:
+        """Translate labels through ``mapping`` (old id -> new id); drop those mapped to -1."""
+        new = np.full(len(self.labels), -1, np.int64)
+        known = self.labels < len(mapping)
+        new[known] = mapping[self.labels[known]]
+        keep = new >= 0
+        return Detections(self.boxes[keep], self.scores[keep], new[keep])
+
     def scaled(self, scale_x: float, scale_y: float) -> Detections:
         """Map boxes to an image resized by ``scale_x`` horizontally and ``scale_y`` vertically."""
         factors = np.array([scale_x, scale_y, scale_x, scale_y], dtype=np.float32)
         return Detections(self.boxes * factors, self.scores, self.labels)
+
+
+def label_mapping(source: Sequence[str], target: Sequence[str]) -> npt.NDArray[np.int64]:
+    """Return, per ``source`` label id, the ``target`` id of the same class name (-1 if none)."""
+    index = {name: i for i, name in enumerate(target)}
+    return np.array([index.get(name, -1) for name in source], np.int64)

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import FrameType
 
@@ -40,7 +40,7 @@ from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.core.arbiter import Arbiter, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
-from speculative_av.core.detections import Detections
+from speculative_av.core.detections import Detections, label_mapping
 from speculative_av.core.stats import percentile, SpeculationStats
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
@@ -143,6 +143,7 @@ class SpeculativeDetector(LifecycleNode):
         self._threads: list[threading.Thread] = []
         self._endpoints: list[CloudEndpoint] = []
         self._sources: dict[str, Source] = {}
+        self._label_maps: dict[str, npt.NDArray[np.int64] | None] = {}
         self._running = False
         self._cameras: list[_Camera] = []
         self._detector: TorchvisionDetector | None = None
@@ -168,6 +169,7 @@ class SpeculativeDetector(LifecycleNode):
         self._detector.detect(np.zeros((480, 640, 3), np.uint8))
         self._endpoints = [CloudEndpoint(s.name, s.target) for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
+        self._label_maps = {e.name: self._cloud_label_map(e) for e in self._endpoints}
         self.get_logger().info(
             f'local detector {self._detector.model_name} ({self._detector.model_version}) on '
             f'{self._detector.device}; cloud: '
@@ -190,6 +192,25 @@ class SpeculativeDetector(LifecycleNode):
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         return TransitionCallbackReturn.SUCCESS
+
+    def _cloud_label_map(self, endpoint: CloudEndpoint) -> npt.NDArray[np.int64] | None:
+        """Return how the endpoint's label ids map to the local ones (None: they are equal)."""
+        assert self._detector is not None
+        info = endpoint.model_info(timeout_s=2.0)
+        local = self._detector.categories
+        if info is None:
+            self.get_logger().warning(
+                f'cloud endpoint {endpoint.name} did not answer GetModelInfo; assuming it uses '
+                'the local label map')
+            return None
+        if list(info.categories) == local:
+            return None
+        mapping = label_mapping(list(info.categories), local)
+        unknown = [c for c, m in zip(info.categories, mapping) if m < 0]
+        self.get_logger().warning(
+            f'cloud endpoint {endpoint.name} ({info.model_name}) uses another label map; its '
+            f'labels are translated by name, and these classes are dropped: {unknown}')
+        return mapping
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the worker and deadline threads."""
@@ -351,6 +372,9 @@ class SpeculativeDetector(LifecycleNode):
 
     def _on_cloud_reply(self, key: FrameKey, reply: CloudReply) -> None:
         inflight = self._inflight.get(key)
+        mapping = self._label_maps.get(reply.endpoint)
+        if reply.ok and mapping is not None:
+            reply = replace(reply, detections=reply.detections.relabeled(mapping))
         if reply.ok:
             if inflight is not None:
                 cloud_msg = detections_msg(reply.detections, inflight.header)
