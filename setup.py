@@ -33,6 +33,7 @@ setup(
             'replay = speculative_av.tools.replay:main',
             'record = speculative_av.tools.record:main',
             'network_relay = speculative_av.netem.relay:main',
+            'train = speculative_av.tools.train:main',
             'make_recording = speculative_av.tools.make_recording:main',
             'evaluate = speculative_av.tools.evaluate:main',
             'demo = speculative_av.tools.demo:main',

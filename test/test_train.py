@@ -10,6 +10,7 @@ from speculative_av.detectors.torchvision_detector import (build_model, save_che
                                                            TorchvisionDetector)
 from speculative_av.scenes import CATEGORIES, generate_scene
 from speculative_av.tools import train
+from speculative_av.tools.coco_metrics import coco_map
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,21 +113,25 @@ def test_committed_cloud_model_beat_the_local_one_on_the_same_heldout_scenes() -
 @pytest.mark.benchmark
 def test_committed_checkpoints_heldout_accuracy_and_cpu_latency() -> None:
     """Re-evaluate both committed models on 200 held-out scenes; time 640x480 frames on CPU."""
-    seeds = train.heldout_seeds(200)
-    images = [generate_scene(seed).image for seed in seeds[:23]]
+    scenes = [generate_scene(seed) for seed in train.heldout_seeds(200)]
+    truth = [scene.ground_truth() for scene in scenes]
     results = {}
     for name, model in COMMITTED.items():
         detector = TorchvisionDetector(model, str(_committed(name)), score_threshold=0.0,
                                        threads=2)
-        metrics = train.evaluate(detector.detect, seeds, 640, 480)
+        found = [detector.detect(scene.image) for scene in scenes]
+        metrics = coco_map(found, truth, CATEGORIES, (640, 480))
+        for label, category in enumerate(CATEGORIES[1:], start=1):
+            alone = [c if i == label else '__background__' for i, c in enumerate(CATEGORIES)]
+            metrics[f'mAP50_{category}'] = coco_map(found, truth, alone, (640, 480))['mAP50']
         timings = []
-        for image in images:
+        for scene in scenes[:23]:
             start = time.perf_counter()
-            detector.detect(image)
+            detector.detect(scene.image)
             timings.append(time.perf_counter() - start)
         metrics['latency_ms'] = 1e3 * statistics.median(timings[3:])
         results[name] = metrics
-    print(f'\nheld-out scenes: seeds {seeds.start}..{seeds.stop - 1}')
+    print(f'\nheld-out seeds {train.HELDOUT_SEED_BASE}..{train.HELDOUT_SEED_BASE + 199}')
     for name, metrics in results.items():
         print(name, ', '.join(f'{k} {v:.3f}' for k, v in metrics.items()))
     local, cloud = results.values()
