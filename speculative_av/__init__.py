@@ -2,6 +2,8 @@
 
 Layers, imports pointing only downward:
 ``core`` (detections, deadlines, arbitration, statistics; no ROS, no gRPC) ->
-``detectors`` and ``cloud`` (torchvision inference, gRPC client/server) ->
-``ros`` (nodes, image conversion, message building) -> ``tools`` (replay, relay, evaluation).
+``detectors``, ``cloud``, ``netem``, ``scenes`` (torchvision inference, gRPC client/server,
+network model and relay, generated driving scenes) ->
+``ros`` (nodes, image conversion, message building) ->
+``tools`` (replay, record, recordings, training, evaluation, demo).
 """
