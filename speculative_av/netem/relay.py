@@ -11,6 +11,22 @@ nothing flows, and new ones are accepted but carry nothing until it ends: what g
 radio dead zone (calls run into their deadlines, then traffic resumes on the same connection).
 The model's clock starts when the relay does.
 
+Faults can also be switched at run time through ``--control PATH``, a Unix stream socket taking
+one command per line and answering one line (``ok mode=... connections=N ...`` or ``error ...``):
+
+* ``hold``: an outage of unknown length: nothing flows, connections stay open, bytes are held
+  and delivered (late) once the mode is ``pass`` again.
+* ``blackhole``: packets are dropped and connections kept: bytes in flight or sent meanwhile
+  vanish and nobody is told. Once the blackhole ends, every connection that lost bytes is reset
+  (RST to both sides), as its stream cannot resume without them; connections that lost nothing
+  carry on. New connections are accepted but carry nothing until it ends.
+* ``pass``: back to the profile's network.
+* ``half-open``: a one-shot event: the server side of every current connection is reset while
+  the client side stays open, never answered and never closed by the relay (a peer that lost
+  the connection's state, e.g. a rebooted server or a NAT that forgot the mapping); the client
+  only notices through its own timeouts or keepalives. New connections are relayed normally.
+* ``status``: report without changing anything.
+
 Once listening it prints ``network_relay listening on HOST:PORT -> TARGET profile NAME`` to
 stdout, its only output there. On SIGINT or SIGTERM, or after ``--duration-s``, it closes every
 connection, writes a summary line to stderr and exits with 0.
@@ -20,9 +36,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 import logging
 from pathlib import Path
 import signal
+import socket
+import struct
 import sys
 from typing import TextIO
 
@@ -37,6 +56,7 @@ READ_BYTES = 64 * 1024
 # control): up to 2 MiB, a deep cellular buffer.
 QUEUED_CHUNKS = 32
 DIRECTIONS: tuple[Direction, Direction] = ('up', 'down')
+MODES = ('pass', 'hold', 'blackhole')
 OVERRIDES = ('rtt_ms', 'jitter_ms', 'bandwidth_mbps', 'downlink_mbps', 'stall_probability',
              'stall_ms', 'outage_period_s')
 
@@ -48,6 +68,27 @@ class RelayStats:
     connections: int = 0
     delivered: dict[str, int] = field(default_factory=lambda: {'up': 0, 'down': 0})
     stalls: int = 0
+    dropped_bytes: int = 0  # lost in a blackhole or towards a half-open connection's gone side
+    resets: int = 0  # connections reset after a blackhole
+    half_open: int = 0  # connections made half-open
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One relayed connection's sockets and the faults it went through."""
+
+    client: asyncio.StreamWriter
+    server: asyncio.StreamWriter | None = None
+    lost_bytes: int = 0  # dropped in a blackhole: the stream is broken
+    half_open: bool = False
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with RST (linger 0) rather than FIN: the peer's next read fails."""
+    sock = writer.get_extra_info('socket')
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    writer.transport.abort()
 
 
 class Relay:
@@ -62,6 +103,55 @@ class Relay:
         self._loop = asyncio.get_running_loop()
         self._origin_s = self._loop.time()
         self._connections: set[asyncio.Task[None]] = set()
+        self._open: set[_Connection] = set()
+        self.mode = 'pass'
+        self._mode_changed = asyncio.Event()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch to ``mode`` (one of MODES); leaving a blackhole resets what lost bytes."""
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
+        left_blackhole = self.mode == 'blackhole' and mode != 'blackhole'
+        self.mode = mode
+        self._mode_changed.set()
+        self._mode_changed = asyncio.Event()
+        if left_blackhole:
+            for connection in [c for c in self._open if c.lost_bytes]:
+                self.stats.resets += 1
+                for writer in (connection.client, connection.server):
+                    if writer is not None:
+                        _reset(writer)
+        _LOG.info('mode %s', mode)
+
+    def half_open(self) -> int:
+        """Reset the server side of every open connection, keep the client side; count them."""
+        count = 0
+        for connection in self._open:
+            if connection.server is not None and not connection.half_open:
+                connection.half_open = True
+                _reset(connection.server)
+                count += 1
+        self.stats.half_open += count
+        _LOG.info('%d connection(s) made half-open', count)
+        return count
+
+    def control(self, command: str) -> str:
+        """Apply one control command (see the module docstring); return the reply line."""
+        if command in MODES:
+            self.set_mode(command)
+        elif command == 'half-open':
+            self.half_open()
+        elif command != 'status':
+            return f'error unknown command {command!r}; expected {", ".join(MODES)}, ' \
+                'half-open or status'
+        return (f'ok mode={self.mode} connections={len(self._open)} '
+                f'half_open={sum(c.half_open for c in self._open)} '
+                f'dropped_bytes={self.stats.dropped_bytes} resets={self.stats.resets}')
+
+    async def _until_flowing(self) -> None:
+        """Wait while the mode holds traffic (``hold`` or ``blackhole``)."""
+        while self.mode != 'pass':
+            await self._mode_changed.wait()
 
     def now_s(self) -> float:
         """Return the model's time: seconds since the relay started."""
@@ -76,34 +166,44 @@ class Relay:
         task.add_done_callback(self._connections.discard)
         self.stats.connections += 1
         peer = client_writer.get_extra_info('peername')
+        connection = _Connection(client_writer)
+        self._open.add(connection)
         try:
-            server_reader, server_writer = await asyncio.open_connection(*self.target)
-        except OSError as exc:
-            _LOG.warning('connection from %s: cannot reach %s:%d: %s', peer, *self.target, exc)
-            client_writer.close()
-            return
-        _LOG.debug('connection from %s relayed', peer)
-        lines = {direction: DelayLine(self._links[direction]) for direction in DIRECTIONS}
-        try:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for direction, reader, writer in zip(
-                            DIRECTIONS, (client_reader, server_reader),
-                            (server_writer, client_writer)):
-                        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED_CHUNKS)
-                        group.create_task(self._receive(reader, queue, lines[direction]))
-                        group.create_task(self._deliver(queue, writer, direction))
-            except* OSError as errors:  # a reset or broken pipe on either side ends both
-                _LOG.debug('connection from %s: %s', peer, errors.exceptions[0])
+            await self._forward(connection, client_reader, peer)
         except asyncio.CancelledError:
             # close() is shutting the relay down. End quietly: on Python 3.11, asyncio's
             # start_server callback logs a cancelled handler task as an error.
             _LOG.debug('connection from %s dropped at shutdown', peer)
         finally:
+            self._open.discard(connection)
             client_writer.close()
-            server_writer.close()
-            self.stats.stalls += sum(line.stalls for line in lines.values())
+            if connection.server is not None:
+                connection.server.close()
         _LOG.debug('connection from %s closed', peer)
+
+    async def _forward(self, connection: _Connection, client_reader: asyncio.StreamReader,
+                       peer: object) -> None:
+        """Connect to the target (once traffic flows) and relay both directions."""
+        await self._until_flowing()  # accepted in an outage or blackhole: nothing flows yet
+        try:
+            server_reader, connection.server = await asyncio.open_connection(*self.target)
+        except OSError as exc:
+            _LOG.warning('connection from %s: cannot reach %s:%d: %s', peer, *self.target, exc)
+            return
+        _LOG.debug('connection from %s relayed', peer)
+        lines = {direction: DelayLine(self._links[direction]) for direction in DIRECTIONS}
+        try:
+            async with asyncio.TaskGroup() as group:
+                for direction, reader, writer in zip(
+                        DIRECTIONS, (client_reader, server_reader),
+                        (connection.server, connection.client)):
+                    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUED_CHUNKS)
+                    group.create_task(self._receive(reader, queue, lines[direction]))
+                    group.create_task(self._deliver(queue, writer, direction, connection))
+        except* OSError as errors:  # a reset or broken pipe on either side ends both
+            _LOG.debug('connection from %s: %s', peer, errors.exceptions[0])
+        finally:
+            self.stats.stalls += sum(line.stalls for line in lines.values())
 
     async def close(self) -> None:
         """Drop every connection."""
@@ -116,7 +216,9 @@ class Relay:
         return (f'network_relay summary: connections={self.stats.connections} '
                 f"bytes_up={self.stats.delivered['up']} "
                 f"bytes_down={self.stats.delivered['down']} stalls={self.stats.stalls} "
-                f'outage_s={self.model.down_time_s(0.0, self.now_s()):.1f}')
+                f'outage_s={self.model.down_time_s(0.0, self.now_s()):.1f} '
+                f'dropped_bytes={self.stats.dropped_bytes} resets={self.stats.resets} '
+                f'half_open={self.stats.half_open}')
 
     async def _receive(self, reader: asyncio.StreamReader,
                        queue: asyncio.Queue[tuple[float, bytes]], line: DelayLine) -> None:
@@ -126,13 +228,30 @@ class Relay:
         await queue.put((0.0, b''))  # end of stream, once everything before it is delivered
 
     async def _deliver(self, queue: asyncio.Queue[tuple[float, bytes]],
-                       writer: asyncio.StreamWriter, direction: Direction) -> None:
-        """Write each queued chunk at its release time; pass the end of stream on."""
+                       writer: asyncio.StreamWriter, direction: Direction,
+                       connection: _Connection) -> None:
+        """
+        Write each queued chunk at its release time; pass the end of stream on.
+
+        Held while the mode is ``hold``; dropped in a ``blackhole`` and once the connection is
+        half-open (whose client side never hears anything again, not even the end of stream).
+        """
         while True:
             release_s, chunk = await queue.get()
             wait_s = release_s - self.now_s()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
+            while self.mode == 'hold' and not connection.half_open:
+                await self._mode_changed.wait()
+            if connection.half_open:
+                if not chunk:
+                    return
+                self.stats.dropped_bytes += len(chunk)
+                continue
+            if self.mode == 'blackhole' and chunk:
+                connection.lost_bytes += len(chunk)
+                self.stats.dropped_bytes += len(chunk)
+                continue
             if not chunk:
                 if writer.can_write_eof():
                     writer.write_eof()
@@ -156,6 +275,15 @@ async def run(args: argparse.Namespace, announce: TextIO) -> int:
         _LOG.error('could not listen on %s: %s', _format(host, port), exc)
         return 1
     port = server.sockets[0].getsockname()[1]
+    control = None
+    if args.control:
+        try:
+            control = await asyncio.start_unix_server(partial(_control_session, relay),
+                                                      path=str(args.control))
+        except OSError as exc:
+            _LOG.error('could not open the control socket %s: %s', args.control, exc)
+            server.close()
+            return 1
     print(f'network_relay listening on {_format(host, port)} -> {_format(*args.target)} '
           f'profile {args.network.name}', file=announce, flush=True)
     _LOG.info('emulating %s', _describe(args.network))
@@ -165,10 +293,26 @@ async def run(args: argparse.Namespace, announce: TextIO) -> int:
     except TimeoutError:
         _LOG.info('ran for --duration-s %.1f, shutting down', args.duration_s)
     server.close()
+    if control is not None:
+        control.close()
+        args.control.unlink(missing_ok=True)
     await relay.close()
     await server.wait_closed()
     print(relay.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+async def _control_session(relay: Relay, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    """Answer each command line of one control connection with one line."""
+    try:
+        while line := await reader.readline():
+            writer.write((relay.control(line.decode(errors='replace').strip()) + '\n').encode())
+            await writer.drain()
+    except OSError as exc:
+        _LOG.debug('control connection: %s', exc)
+    finally:
+        writer.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--outage-period-s', type=float, help='repeat the outages this often')
     parser.add_argument('--trace', type=Path, help='trace CSV (t_s,rtt_ms,bandwidth_mbps)')
     parser.add_argument('--seed', type=int, default=0, help='seed of jitter and stalls')
+    parser.add_argument('--control', type=Path, metavar='PATH',
+                        help='Unix socket taking run-time fault commands: pass, hold, '
+                             'blackhole, half-open, status (one per line)')
     parser.add_argument('--duration-s', type=float, default=0.0,
                         help='stop after this many seconds; 0 = until SIGINT/SIGTERM')
     parser.add_argument('--log-level', default='INFO',
