@@ -318,14 +318,16 @@ async def _control_session(relay: Relay, reader: asyncio.StreamReader,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``network`` holds the resulting profile."""
     parser = argparse.ArgumentParser(
-        prog='network_relay', description='TCP relay emulating the mobile network between vehicle and cloud')
+        prog='network_relay',
+        description='TCP relay emulating the mobile network between vehicle and cloud')
     parser.add_argument('--listen', type=_address, default='127.0.0.1:0',
                         help='HOST:PORT to accept connections on; port 0 picks a free one')
     parser.add_argument('--target', type=_address, required=True,
                         help='HOST:PORT to forward connections to (the cloud server)')
     parser.add_argument('--profile', help='named profile (default: no impairment)')
     parser.add_argument('--profiles', type=Path, default=None,
-                        help='profiles YAML (default: the package\'s config/network_profiles.yaml)')
+                        help="profiles YAML (default: the package's "
+                             'config/network_profiles.yaml)')
     parser.add_argument('--rtt-ms', type=float, help='base round-trip time')
     parser.add_argument('--jitter-ms', type=float, help='std of the round-trip variation')
     parser.add_argument('--bandwidth-mbps', type=float, help='uplink bandwidth, 0 = unlimited')
@@ -333,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--stall-probability', type=float, help='per-transfer stall probability')
     parser.add_argument('--stall-ms', type=float, help='stall duration')
     parser.add_argument('--outage', type=_window, action='append', metavar='START_S:DURATION_S',
-                        help='outage window after the start (repeatable; replaces the profile\'s)')
+                        help="outage window after the start (repeatable; replaces the profile's)")
     parser.add_argument('--outage-period-s', type=float, help='repeat the outages this often')
     parser.add_argument('--trace', type=Path, help='trace CSV (t_s,rtt_ms,bandwidth_mbps)')
     parser.add_argument('--seed', type=int, default=0, help='seed of jitter and stalls')
