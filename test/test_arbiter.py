@@ -199,3 +199,60 @@ def test_stats_count_wins_misses_latencies_and_lateness(arbiter):
     assert (stats.source('cloud').failed, stats.source('cloud').cancelled) == (2, 1)
     assert stats.source('local').percentile_ms(50) == pytest.approx(30)
     assert sorted(stats.lateness_ms) == [0, 0, 2, 50]
+
+
+def test_a_deadline_that_passes_with_nothing_arrived_is_not_a_timer_any_more(arbiter):
+    """The scheduler sleeps on next_deadline_ns(): a passed, applied deadline must leave it."""
+    key = open_frame(arbiter, sources=(LOCAL,), deadline_ms=20)
+    assert arbiter.next_deadline_ns() == 20 * MS
+    assert arbiter.tick(25 * MS).decisions == []  # nothing to publish yet
+    assert arbiter.next_deadline_ns() is None
+    later = open_frame(arbiter, sources=(LOCAL,), stamp_ms=10, deadline_ms=60)
+    assert arbiter.next_deadline_ns() == 60 * MS
+    [decision] = arbiter.arrive(key, 'local', dets(1), 300 * MS).decisions
+    assert (decision.winner, decision.late, decision.released_ns) == ('local', True, 300 * MS)
+    assert arbiter.tick(301 * MS).decisions == []  # `later` waits for its own local result
+    assert arbiter.is_pending(later, 'local')
+
+
+def test_abandon_fails_every_pending_source_and_resolves_the_frame(arbiter):
+    key = open_frame(arbiter)
+    out = arbiter.abandon(key, 5 * MS, 'RuntimeError: boom')
+    [decision] = out.decisions
+    assert (decision.winner, decision.late) == (None, False)
+    [record] = out.settled
+    assert {a.state for a in record.attempts.values()} == {SourceState.FAILED}
+    assert record.attempts['cloud'].error == 'RuntimeError: boom'
+    assert arbiter.abandon(key, 6 * MS, 'again').decisions == []  # already settled
+    assert arbiter.open_frames() == 0
+
+
+def test_a_stamp_stepping_back_beyond_the_tolerance_restarts_the_camera():
+    arbiter = Arbiter(stamp_backstep_tolerance_ns=50 * MS)
+    first = open_frame(arbiter, stamp_ms=1000, deadline_ms=1100)
+    assert open_frame(arbiter, stamp_ms=1000, deadline_ms=1100) is None  # duplicate
+    assert open_frame(arbiter, stamp_ms=960, deadline_ms=1060) is None  # reordered: stale
+    assert arbiter.clock_resets == {}
+    restarted = open_frame(arbiter, stamp_ms=10, deadline_ms=110)  # the replay looped
+    assert restarted is not None and arbiter.clock_resets == {'cam': 1}
+    assert open_frame(arbiter, stamp_ms=20, deadline_ms=120) is not None
+    # Released in the order the frames were opened: the old timeline's frame first.
+    assert arbiter.arrive(restarted, 'cloud', dets(2), 30 * MS).decisions == []
+    decisions = arbiter.arrive(first, 'cloud', dets(1), 40 * MS).decisions
+    assert [d.key for d in decisions] == [first, restarted]
+
+
+def test_shift_clock_keeps_the_remaining_budget_and_restarts_ordering(arbiter):
+    key = open_frame(arbiter, stamp_ms=5000, deadline_ms=5100)
+    arbiter.arrive(key, 'local', dets(1), 5020 * MS)
+    arbiter.shift_clock(-5000 * MS)  # ROS time jumped back by 5 s
+    assert arbiter.next_deadline_ns() == 100 * MS
+    assert arbiter.tick(99 * MS).decisions == []
+    [decision] = arbiter.tick(100 * MS).decisions
+    assert decision.winner == 'local' and not decision.late
+    assert open_frame(arbiter, stamp_ms=1, deadline_ms=101) is not None  # no longer stale
+
+
+def test_negative_tolerance_is_refused():
+    with pytest.raises(ValueError, match='tolerance'):
+        Arbiter(stamp_backstep_tolerance_ns=-1)

@@ -1,4 +1,7 @@
 """Slow measurements that print figures (run with `make benchmark`); no timed asserts."""
+import os
+import time
+
 import numpy as np
 import pytest
 from ros_harness import running, wait_until
@@ -47,3 +50,35 @@ def test_fused_publish_lateness_and_node_overhead_640x480_30hz(local_weights):
           f'ms, p95 {summary["node_overhead_ms_p95"]} ms')
     local = np.array([float(d['local_latency_ms']) for d in decisions if d['local_latency_ms']])
     print(f'local latency (start to result): p50 {np.median(local):.1f} ms')
+
+
+def _cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU time a process has used so far."""
+    with open(f'/proc/{pid}/stat') as stat:
+        fields = stat.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def test_node_cpu_with_the_local_detector_slower_than_the_deadline():
+    """
+    Every frame's deadline passes before its only source (local) has a result.
+
+    The scheduler must sleep until the local result arrives; a busy wait shows up as ~1 CPU
+    second per second on top of inference and as inflated local latency.
+    """
+    frames = 12
+    with observer() as observed, \
+            detector(**{'deadline_ms': 20.0, 'cloud.enabled': False, 'local.threads': 1,
+                        'local.model': 'fasterrcnn_mobilenet_v3_large_320_fpn'}) as node, \
+            running(camera_command(rate_hz=5.0)):
+        observed.wait_for_decisions(3, timeout=120)
+        cpu0, wall0, seen = _cpu_seconds(node.pid), time.monotonic(), len(observed.decisions)
+        observed.wait_for_decisions(seen + frames, timeout=300)
+        cpu = _cpu_seconds(node.pid) - cpu0
+        wall = time.monotonic() - wall0
+    decisions = [d for d, _ in observed.decisions[seen:]]
+    local = np.array([float(d['local_latency_ms']) for d in decisions if d['local_latency_ms']])
+    print(f'\n{len(decisions)} frames in {wall:.1f} s: node CPU {cpu:.1f} s '
+          f'({100 * cpu / wall:.0f}% of one core), {1e3 * cpu / len(decisions):.0f} ms CPU per '
+          f'frame; local latency p50 {np.median(local):.0f} ms, p95 '
+          f'{np.percentile(local, 95):.0f} ms; late {sum(d["late"] == "true" for d in decisions)}')

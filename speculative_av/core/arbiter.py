@@ -8,7 +8,9 @@ The policy of speculative cloud execution (Schafhalter et al., IROS 2023), not "
 * if nothing has arrived by the deadline, the first result to arrive afterwards wins, marked
   late; if every source failed, the frame resolves with no winner (empty, so planning still gets
   exactly one message per frame);
-* decisions are released in stamp order per camera, exactly once per opened frame;
+* decisions are released in stamp order per camera, exactly once per opened frame; a stamp that
+  steps back by more than a tolerance (a looping replay, a clock resync) starts that camera's
+  sequence afresh instead of being dropped as stale;
 * a pending source that can no longer win is reported for cancellation when it is cancellable.
 
 Pure logic: callers pass the time (nanoseconds on one clock) into every call and serialise calls.
@@ -20,6 +22,9 @@ from enum import Enum
 
 from speculative_av.core.detections import Detections
 
+# Older stamps within this of a camera's newest are out-of-order deliveries (dropped as
+# stale); further back, the camera's clock stepped back (a looping replay, a resync).
+DEFAULT_STAMP_BACKSTEP_TOLERANCE_NS = 1_000_000_000
 
 @dataclass(frozen=True)
 class Source:
@@ -123,6 +128,7 @@ class _Race:
     attempts: dict[str, SourceAttempt]
     decided: tuple[str | None, Detections, int, bool] | None = None  # winner, dets, when, late
     released: Decision | None = None
+    deadline_applied: bool = False  # tick() has evaluated this race at its deadline
 
     def best_arrived(self) -> SourceAttempt | None:
         arrived = [a for a in self.attempts.values() if a.state is SourceState.ARRIVED]
@@ -135,20 +141,36 @@ class _Race:
 class Arbiter:
     """Runs the race of every open frame and releases fused decisions in stamp order."""
 
-    def __init__(self) -> None:
-        """Start with no open frames."""
+    def __init__(self,
+                 stamp_backstep_tolerance_ns: int = DEFAULT_STAMP_BACKSTEP_TOLERANCE_NS) -> None:
+        """
+        Start with no open frames.
+
+        A frame whose stamp is at most ``stamp_backstep_tolerance_ns`` older than its camera's
+        newest is stale (out-of-order delivery) and refused; one older than that means the
+        camera's clock stepped back, and restarts the camera's ordering (counted per camera in
+        :attr:`clock_resets`).
+        """
+        if stamp_backstep_tolerance_ns < 0:
+            raise ValueError('stamp_backstep_tolerance_ns must not be negative, got '
+                             f'{stamp_backstep_tolerance_ns}')
+        self._tolerance_ns = stamp_backstep_tolerance_ns
         self._races: dict[FrameKey, _Race] = {}
-        self._unreleased: dict[str, list[FrameKey]] = {}  # per camera, in stamp order
+        self._unreleased: dict[str, list[FrameKey]] = {}  # per camera, in opening order
         self._next_seq: dict[str, int] = {}
         self._last_stamp: dict[str, int] = {}
+        self.clock_resets: dict[str, int] = {}
 
     def open(self, camera: str, stamp_ns: int, start_ns: int, deadline_ns: int,
              sources: list[Source]) -> FrameKey | None:
-        """Start a frame's race; None if its stamp is not newer than the camera's last frame."""
+        """Start a frame's race; None if its stamp is stale (see the constructor)."""
         if not sources:
             raise ValueError('a frame needs at least one source')
-        if stamp_ns <= self._last_stamp.get(camera, -1):
-            return None
+        last = self._last_stamp.get(camera)
+        if last is not None and stamp_ns <= last:
+            if last - stamp_ns <= self._tolerance_ns:
+                return None
+            self.clock_resets[camera] = self.clock_resets.get(camera, 0) + 1
         self._last_stamp[camera] = stamp_ns
         seq = self._next_seq.get(camera, 0)
         self._next_seq[camera] = seq + 1
@@ -171,18 +193,48 @@ class Arbiter:
         """Record that a call the arbiter asked to cancel has ended."""
         return self._finish(key, source, SourceState.CANCELLED, now_ns, error='cancelled')
 
+    def abandon(self, key: FrameKey, now_ns: int, error: str) -> Outcome:
+        """Fail every source of ``key`` still pending, e.g. after its processing broke."""
+        outcome = Outcome()
+        race = self._races.get(key)
+        for attempt in race.pending() if race is not None else []:
+            outcome.extend(self.fail(key, attempt.source.name, now_ns, error))
+        return outcome
+
     def tick(self, now_ns: int) -> Outcome:
-        """Apply deadlines that have passed by ``now_ns``."""
+        """Apply deadlines that have passed by ``now_ns``, each once."""
         outcome = Outcome()
         for race in [r for r in self._races.values()
-                     if r.decided is None and r.deadline_ns <= now_ns]:
+                     if not r.deadline_applied and r.deadline_ns <= now_ns]:
+            race.deadline_applied = True
             outcome.extend(self._evaluate(race, now_ns))
         return outcome
 
     def next_deadline_ns(self) -> int | None:
-        """Return the earliest deadline of an undecided frame, for the caller's timer."""
-        return min((r.deadline_ns for r in self._races.values() if r.decided is None),
-                   default=None)
+        """
+        Return the earliest deadline :meth:`tick` has not applied yet, for the caller's timer.
+
+        A frame whose deadline passed with nothing arrived is decided by the next arrival or
+        failure, not by time, so it no longer counts here: a timer never spins on it.
+        """
+        return min((r.deadline_ns for r in self._races.values()
+                    if r.decided is None and not r.deadline_applied), default=None)
+
+    def shift_clock(self, delta_ns: int) -> None:
+        """
+        Move every open frame's start and deadline by ``delta_ns`` after the clock jumped.
+
+        The callers' clock (e.g. ROS time under a looping replay) jumped by ``delta_ns``; the
+        frames in flight keep their remaining budget on the new timeline, and every camera's
+        ordering restarts, since the stamps that follow belong to the new timeline too.
+        """
+        for race in self._races.values():
+            race.start_ns += delta_ns
+            race.deadline_ns += delta_ns
+            for attempt in race.attempts.values():
+                if attempt.finished_ns is not None:
+                    attempt.finished_ns += delta_ns
+        self._last_stamp.clear()
 
     def is_pending(self, key: FrameKey, source: str) -> bool:
         """Return whether ``source`` may still deliver a result that counts for ``key``."""
