@@ -8,22 +8,27 @@ received it by the frame's deadline, not because the node said so.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 import os
 from pathlib import Path
 import re
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
 from typing import Iterator
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
+import rclpy.node
 from ros_harness import python_module, running, wait_until
-from speculation_rig import Observer
-
+from sensor_msgs.msg import Image
+from speculative_av.ros.spinning import background_node
 from speculative_av.tools.ros_isolation import fastdds_shm_files
+from vision_msgs.msg import Detection2DArray
 
 HELPERS = Path(__file__).parent / 'helpers'
 # What receiving a fused result may take after the deadline when the node decides at the deadline
@@ -36,9 +41,88 @@ THREAD_SLACK = 4
 FD_SLACK = 8
 
 
-def _stamp_ns(msg: object) -> int:
-    stamp = msg.header.stamp  # type: ignore[attr-defined]
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
+def cdr_stamp_ns(data: bytes) -> int:
+    """Return the header stamp of a serialized message that starts with a std_msgs/Header."""
+    sec, nanosec = struct.unpack_from('<iI', data, 4)  # after the CDR encapsulation header
+    return sec * 1_000_000_000 + nanosec
+
+
+@dataclass
+class StampObserver:
+    """
+    Records when the node's outputs arrive, from a spinning thread, as a planning node would.
+
+    Images and detections are taken serialized and only their header stamp is read: a Python
+    subscriber that deserializes 30 Hz images or 300-box arrays falls behind on two busy cores,
+    and its own backlog would be blamed on the node. Times are ROS (system) time in ns.
+    """
+
+    node: rclpy.node.Node
+    images: list[tuple[int, int]] = field(default_factory=list)  # (stamp, received)
+    fused: list[tuple[int, int]] = field(default_factory=list)
+    local: list[tuple[int, int]] = field(default_factory=list)
+    decisions: list[tuple[dict[str, str], int]] = field(default_factory=list)
+    diagnostics: list[dict[str, dict[str, str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Subscribe to everything; the image subscription makes the camera start."""
+        for msg_type, topic, store in ((Image, 'image', self.images),
+                                       (Detection2DArray, 'detections', self.fused),
+                                       (Detection2DArray, 'detections/local', self.local)):
+            self.node.create_subscription(msg_type, topic, partial(self._keep, store), 100,
+                                          raw=True)
+        self.node.create_subscription(DiagnosticStatus, 'speculation/decisions',
+                                      self._on_decision, 100)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+
+    def _now(self) -> int:
+        return self.node.get_clock().now().nanoseconds
+
+    def _keep(self, store: list[tuple[int, int]], data: bytes) -> None:
+        store.append((cdr_stamp_ns(data), self._now()))
+
+    def _on_decision(self, msg: DiagnosticStatus) -> None:
+        values = {kv.key: kv.value for kv in msg.values}
+        values['hardware_id'] = msg.hardware_id
+        self.decisions.append((values, self._now()))
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        self.diagnostics.append(
+            {s.name.split(': ')[-1]: {kv.key: kv.value for kv in s.values} for s in msg.status})
+
+    def outcomes(self) -> list[str]:
+        """Return one line per decided frame with every source's outcome, for failure output."""
+        return [' '.join(f'{k}={v}' for k, v in d.items() if k.startswith(
+            ('winner', 'source', 'cloud_lat', 'local_lat', 'late'))) for d, _ in self.decisions]
+
+    def winners(self, since: int = 0) -> list[str]:
+        """Return the fused winner kind of each decided frame after index ``since``."""
+        return [d['winner'] for d, _ in self.decisions[since:]]
+
+
+@contextlib.contextmanager
+def observer(name: str = 'fault_observer') -> Iterator[StampObserver]:
+    """Spin a :class:`StampObserver` node in a background thread for the block's duration."""
+    with background_node(name) as node:
+        yield StampObserver(node)
+
+
+def decision_stamp_ns(decision: dict[str, str]) -> int:
+    """Return a decision's ``stamp`` in ns (to ~1 us: the node formats a float of seconds)."""
+    seconds, _, fraction = decision['stamp'].partition('.')
+    return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, '0')[:9])
+
+
+def by_decision(observed: StampObserver) -> dict[int, dict[str, str]]:
+    """Return the decisions keyed by the exact stamp (ns) of the image they decided."""
+    stamps = {round(stamp / 1000): stamp for stamp, _ in observed.fused}
+    keyed = {}
+    for decision, _ in observed.decisions:
+        approx_us = round(decision_stamp_ns(decision) / 1000)
+        exact = next((stamps[us] for us in (approx_us, approx_us - 1, approx_us + 1)
+                      if us in stamps), decision_stamp_ns(decision))
+        keyed[exact] = decision
+    return keyed
 
 
 def _read_line(stream: object, timeout: float, what: str) -> str:
@@ -128,8 +212,32 @@ def assert_no_growth(before: ProcessFootprint, after: ProcessFootprint, what: st
     assert after.fds <= before.fds + FD_SLACK, f'{what}: descriptors {before} -> {after}'
 
 
+def _ours(name: str, domain_id: int) -> bool:
+    """
+    Return whether a FastDDS shm file left behind is a leak of this run.
+
+    Data segments (``fastdds_<id>``, 64 MB each with our profile) always count. A bare port
+    file (``fastdds_port<N>``) does not: FastDDS leaves it when a participant that sent to the
+    port outlives its listener, even when every process exits cleanly, and reuses it. A port's
+    lock files (``_el``, ``sem.*_mutex``) count when the port is of our domain: they outlive
+    only a listener that did not close.
+    """
+    port = re.search(r'fastdds_port(\d+)', name)
+    if port is None:
+        return True
+    first = 7400 + 250 * domain_id  # RTPS well-known ports of the domain (participant gain 250)
+    return (name.endswith(('_el', '_mutex'))
+            and first <= int(port.group(1)) < first + 250)
+
+
 def leaked_shm(before: frozenset[str]) -> set[str]:
-    """Return FastDDS shm files created since ``before`` that no live process maps or holds."""
+    """
+    Return FastDDS shm files created since ``before`` that no live process maps or holds.
+
+    Port files of other domains are other test runs' (this machine is shared); segments cannot
+    be told apart, so another run's crash at the same moment would be reported here too.
+    """
+    domain_id = int(os.environ['ROS_DOMAIN_ID'])
     in_use: set[str] = set()
     for proc in Path('/proc').iterdir():
         if not proc.name.isdigit():
@@ -141,7 +249,8 @@ def leaked_shm(before: frozenset[str]) -> set[str]:
             with open(proc / 'maps') as maps:
                 in_use.update(line.split(None, 5)[-1].strip() for line in maps
                               if '/dev/shm' in line)
-    return {name for name in fastdds_shm_files() - before if f'/dev/shm/{name}' not in in_use}
+    return {name for name in fastdds_shm_files() - before
+            if f'/dev/shm/{name}' not in in_use and _ours(name, domain_id)}
 
 
 @dataclass
@@ -150,38 +259,51 @@ class Timing:
 
     after_deadline_ms: np.ndarray
     late: int  # frames the node marked late (nothing, local included, by the deadline)
+    image_delay_ms: np.ndarray  # camera stamp to the observer: how loaded the machine was
+    problems: list[str]  # fused results later than allowed
 
-    def line(self) -> str:
-        """Return the figures for a report line."""
-        values = self.after_deadline_ms
-        if not len(values):
-            return 'no fused results'
-        return (f'{len(values)} fused; received after deadline p50 {np.median(values):.1f} '
-                f'p99 {np.percentile(values, 99):.1f} max {values.max():.1f} ms; '
-                f'late {self.late}')
+    def assert_in_time(self) -> None:
+        """Fail with the first offending frames if any fused result came later than allowed."""
+        assert not self.problems, (
+            f'{len(self.problems)} of {len(self.after_deadline_ms)} fused results late at the '
+            f'observer (camera images took {figures(self.image_delay_ms)} to reach it):\n'
+            + '\n'.join(self.problems[:5]))
 
 
-def check_fused_in_time(observed: Observer, deadline_ms: float,
-                        deadline_of: dict[int, int] | None = None) -> Timing:
+def image_delays_ms(observed: StampObserver) -> np.ndarray:
+    """Return how long after its stamp each camera image reached the observer."""
+    return np.array([(received - stamp) / 1e6 for stamp, received in observed.images])
+
+
+def figures(values: np.ndarray) -> str:
+    """Return 'p50 / p99 / max' of ``values`` in ms."""
+    if not len(values):
+        return 'n/a'
+    return (f'p50 {np.median(values):.1f} / p99 {np.percentile(values, 99):.1f} / '
+            f'max {values.max():.1f} ms')
+
+
+def check_fused_in_time(observed: StampObserver, deadline_ms: float) -> Timing:
     """
-    Check exactly one fused result per decided frame, each received by its deadline.
+    Check exactly one fused result per decided frame; time each against its deadline.
 
-    A result may come later only if the node marked the frame late and the local result itself
-    reached the observer after the deadline (the local detector was late; nothing to wait
-    for). ``deadline_of`` maps a stamp to its deadline (ns) when that is not stamp + budget
-    (``deadline_reference: arrival``). Returns the receive-side timing.
+    A result may come later than the deadline (plus ``RECEIVE_SLACK_MS``) only if the node
+    marked the frame late and the local result itself reached the observer after the deadline
+    (the local detector was late; nothing to wait for). Those that do not qualify are the
+    returned timing's ``problems`` (see :meth:`Timing.assert_in_time`).
     """
-    fused = {_stamp_ns(m): t for m, t in observed.fused}
-    local = {_stamp_ns(m): t for m, t in observed.local}
-    decisions = {round(float(d['stamp']) * 1e9): d for d, _ in observed.decisions}
+    fused = dict(observed.fused)
+    local = dict(observed.local)
+    decisions = by_decision(observed)
     assert len(fused) == len(observed.fused), 'a frame was fused twice'
+    assert len(decisions) == len(observed.decisions), 'a frame was decided twice'
     missing = sorted(set(decisions) - set(fused))
     assert not missing, f'{len(missing)} decided frames have no fused result: {missing[:5]}'
     unexplained = sorted(set(fused) - set(decisions))
     assert not unexplained, f'fused results without a decision: {unexplained[:5]}'
     after, late, problems = [], 0, []
     for stamp, received in fused.items():
-        deadline = (deadline_of or {}).get(stamp, stamp + round(deadline_ms * 1e6))
+        deadline = stamp + round(deadline_ms * 1e6)
         after_ms = (received - deadline) / 1e6
         after.append(after_ms)
         decision = decisions[stamp]
@@ -193,17 +315,16 @@ def check_fused_in_time(observed: Observer, deadline_ms: float,
             problems.append(f'stamp {stamp}: received {after_ms:.1f} ms after the deadline, '
                             f"late={decision['late']}, local received "
                             f'{local_after_ms} ms after it; {decision}')
-    assert not problems, f'{len(problems)} fused results late:\n' + '\n'.join(problems[:5])
-    return Timing(np.array(after), late)
+    return Timing(np.array(after), late, image_delays_ms(observed), problems)
 
 
-def summary_counters(observed: Observer) -> dict[str, str]:
+def summary_counters(observed: StampObserver) -> dict[str, str]:
     """Return the node's last counters on /diagnostics (the summary status)."""
     assert observed.diagnostics, 'no /diagnostics received'
     return observed.diagnostics[-1]['speculation']
 
 
-def wait_until_quiet(observed: Observer, timeout: float = 30.0) -> dict[str, str]:
+def wait_until_quiet(observed: StampObserver, timeout: float = 30.0) -> dict[str, str]:
     """
     Wait until every processed frame is decided and fused, with the camera stopped.
 
@@ -224,3 +345,56 @@ def wait_until_quiet(observed: Observer, timeout: float = 30.0) -> dict[str, str
         print(f"\nframes_processed={counters.get('frames_processed')} "
               f'decisions={len(observed.decisions)} fused={len(observed.fused)}')
     return summary_counters(observed)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace joined to this one by a veth pair: a remote host on its own link."""
+
+    name: str
+    host_address: str  # this side of the link
+    address: str  # the namespace's side
+
+    def command(self, command: list[str]) -> list[str]:
+        """Return ``command`` run inside the namespace."""
+        return ['ip', 'netns', 'exec', self.name, *command]
+
+    def blackhole(self, on: bool) -> None:
+        """
+        Drop (or stop dropping) everything the namespace sends back to this side.
+
+        Requests still arrive, but no reply, ACK or SYN-ACK leaves: from this side the link
+        silently eats packets while connections stay established.
+        """
+        action = 'add' if on else 'del'
+        subprocess.run(self.command(['ip', 'route', action, 'blackhole',
+                                     f'{self.host_address}/32']), check=True)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(['ip', *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def network_namespace() -> Iterator[Namespace]:
+    """Create a namespace with a veth link to this one (10.213.x.0/30); delete it after."""
+    tag = os.getpid() % 16000
+    name, host_if, ns_if = f'sav-fault-{tag}', f'savh{tag}', f'savn{tag}'
+    base = f'10.213.{tag // 64}.{(tag % 64) * 4}'
+    prefix = base.rsplit('.', 1)[0]
+    last = int(base.rsplit('.', 1)[1])
+    space = Namespace(name, f'{prefix}.{last + 1}', f'{prefix}.{last + 2}')
+    _ip('netns', 'add', name)
+    try:
+        _ip('link', 'add', host_if, 'type', 'veth', 'peer', 'name', ns_if)
+        _ip('link', 'set', ns_if, 'netns', name)
+        _ip('addr', 'add', f'{space.host_address}/30', 'dev', host_if)
+        _ip('link', 'set', host_if, 'up')
+        for args in (('addr', 'add', f'{space.address}/30', 'dev', ns_if),
+                     ('link', 'set', ns_if, 'up'), ('link', 'set', 'lo', 'up')):
+            _ip('netns', 'exec', name, 'ip', *args)
+        yield space
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip('link', 'del', host_if)  # also removes the peer inside the namespace
+        _ip('netns', 'del', name)
