@@ -16,6 +16,7 @@ from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
 from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock as ClockMsg
 from ros_harness import wait_until
@@ -156,3 +157,17 @@ def test_ros_time_jumping_back_under_sim_time_restarts_ordering():
         assert [m.header.stamp.sec for m in test_rig.fused] == [100, 3]
         assert test_rig.counter('clock_resets') == 1  # ordering had restarted already
         assert test_rig.counter('stale_frames') == 0
+
+
+@pytest.mark.parametrize('name, value', [
+    ('image_transport', 'theora'), ('cameras', ['front', 'front']), ('cameras', ['front cam']),
+    ('cloud.endpoints', ['localhost']), ('local.weights', '/does/not/exist.pt')])
+def test_configure_refuses_bad_settings_with_failure_not_a_crash(name, value):
+    rclpy.init()
+    try:
+        node = SpeculativeDetector(parameter_overrides=[
+            Parameter('local.weights', value='random'), Parameter(name, value=value)])
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()

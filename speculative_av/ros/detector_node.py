@@ -65,6 +65,18 @@ LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
 MAX_TIMER_S = 0.1
 
 
+def _check_cameras(cameras: list[str], transport: str) -> None:
+    """Refuse camera lists and transports the node could not subscribe as asked."""
+    if transport not in ('raw', 'compressed'):
+        raise ValueError(f"image_transport must be 'raw' or 'compressed', got {transport!r}")
+    if not cameras or len(set(cameras)) != len(cameras):
+        raise ValueError(f'cameras must be distinct names, got {cameras}')
+    for camera in cameras:
+        if camera and not all(part.isidentifier() for part in camera.split('/')):
+            raise ValueError(f'camera name {camera!r} is not a valid ROS name (letters, digits, '
+                             "'_', '/' between parts)")
+
+
 def _camera_topic(camera: str, leaf: str) -> str:
     """Return ``leaf`` under the camera's name; relative, so namespaces and remapping apply."""
     return f'{camera}/{leaf}' if camera else leaf
@@ -121,7 +133,8 @@ class SpeculativeDetector(LifecycleNode):
         self._policy = DeadlinePolicy.from_ms(
             declare(self, 'deadline_ms', 150.0,
                     'Per-frame budget in ms; the fused result is never later than this '
-                    '(unless the local detector itself is slower). Settable at run time.'),
+                    '(unless the local detector itself is slower). Settable at run time.',
+                    value_range=(1.0, 60_000.0)),
             declare(self, 'deadline_reference', 'stamp',
                     "What the deadline counts from: 'stamp' (image header stamp) or "
                     "'arrival' (reception by this node). Settable at run time."))
@@ -130,7 +143,7 @@ class SpeculativeDetector(LifecycleNode):
                 'delivery and dropped as stale; further back the camera clock stepped back (a '
                 'looping replay, a time resync) and the camera\'s ordering restarts (counted as '
                 'clock_resets). Under use_sim_time a backward jump of ROS time by more than this '
-                'restarts every camera.', read_only=True)
+                'restarts every camera.', read_only=True, value_range=(0.0, 86_400_000.0))
         declare(self, 'local.model', 'ssdlite320_mobilenet_v3_large',
                 'torchvision detection architecture of the on-board detector.', read_only=True)
         declare(self, 'local.weights', 'DEFAULT',
@@ -138,17 +151,20 @@ class SpeculativeDetector(LifecycleNode):
                 '(tests only).', read_only=True)
         declare(self, 'local.device', 'cpu', 'cpu, cuda or cuda:N.', read_only=True)
         declare(self, 'local.score_threshold', 0.3,
-                'Detections scoring below this are dropped (both sources).', read_only=True)
+                'Detections scoring below this are dropped (both sources).', read_only=True,
+                value_range=(0.0, 1.0))
         declare(self, 'local.threads', 0, 'torch intra-op threads; 0 = torch default.',
-                read_only=True)
+                read_only=True, value_range=(0, 1024))
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
                 "Cloud detectors as '[name=]host:port[@priority]'; local has priority 0, "
                 'cloud defaults to 10.', read_only=True)
-        declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.')
+        declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.',
+                value_range=(1, 100))
         declare(self, 'cloud.max_image_side', 0,
                 'Downscale frames so their longer side is at most this before sending '
-                '(0 = full size); replies are mapped back to full-size pixels.')
+                '(0 = full size); replies are mapped back to full-size pixels.',
+                value_range=(0, 65_535))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._lock = threading.RLock()
         self._arbiter = Arbiter()
@@ -184,6 +200,8 @@ class SpeculativeDetector(LifecycleNode):
             specs: list[EndpointSpec] = (
                 parse_endpoints(self.get_parameter('cloud.endpoints').value)
                 if self.get_parameter('cloud.enabled').value else [])
+            _check_cameras(self.get_parameter('cameras').value,
+                           self.get_parameter('image_transport').value)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -438,7 +456,14 @@ class SpeculativeDetector(LifecycleNode):
         """Send the frame to the cloud endpoints, then run the local detector on it."""
         assert self._detector is not None
         if endpoints:
-            self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+            try:
+                self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+            except Exception as error:  # noqa: B902 (the local detector still runs)
+                self._frame_error('sending a frame to the cloud', error)
+                for call in list(inflight.calls.values()):
+                    call.cancel()
+                for endpoint in endpoints:
+                    self._apply(partial(self._fail_now, key, endpoint.name, repr(error)))
         inference_began = time.perf_counter()
         local = self._detector.detect(rgb)
         inference_s = time.perf_counter() - inference_began
