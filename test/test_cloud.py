@@ -318,8 +318,10 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     """Down endpoint backs off; a server started there is found; SIGTERM ends it cleanly."""
     port = _free_port()
     target = f'127.0.0.1:{port}'
-    with CloudEndpoint('late', target, health_interval_s=0.2, backoff_initial_s=0.05,
-                       backoff_max_s=0.4) as endpoint:
+    changes: list[tuple[str, str]] = []
+    with CloudEndpoint('late', target, backoff_initial_s=0.05, backoff_max_s=0.4,
+                       on_health_change=lambda name, old, new, error: changes.append(
+                           (old, new))) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy
         assert endpoint.health().next_check_in_s >= 0.2  # 0.05 -> 0.1 -> 0.2 -> 0.4
@@ -329,7 +331,7 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
         try:
             assert server.target == target
             wait_until(lambda: endpoint.healthy, STARTUP_TIMEOUT_S, 'the endpoint to recover')
-            assert endpoint.health().next_check_in_s == pytest.approx(0.2)
+            assert endpoint.health().next_check_in_s == 0.0  # a health stream is open
 
             frame = codec.encode_frame(image)
             replies = Replies()
@@ -345,20 +347,21 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
                         detection_pb2.DetectRequest(image=b'junk', image_format='jpeg'),
                         timeout=10.0)
 
-            # This endpoint polls rarely, so only the failed call can mark it down.
-            with CloudEndpoint('rare', target, health_interval_s=60.0) as rare:
-                wait_until(lambda: rare.healthy, 10.0, 'the first poll')
-                start = time.monotonic()
-                assert server.terminate() == 0
-                assert time.monotonic() - start < 5.0
-                replies = Replies()
-                rare.submit(frame, 'after', 0, 5.0, 0, replies)
-                wait_until(lambda: len(replies.items) == 1, 10.0, 'the failed reply')
-                assert replies.items[0].error.startswith('UNAVAILABLE')
-                assert rare.health_state == 'UNREACHABLE'
+            start = time.monotonic()
+            assert server.terminate() == 0
+            assert time.monotonic() - start < 5.0
+            replies = Replies()
+            endpoint.submit(frame, 'after', 0, 5.0, 0, replies)
+            wait_until(lambda: len(replies.items) == 1, 10.0, 'the failed reply')
+            assert replies.items[0].error.startswith('UNAVAILABLE')
+            wait_until(lambda: endpoint.health_state == 'UNREACHABLE', 10.0, 'unreachable')
         finally:
             server.terminate()
-        wait_until(lambda: not endpoint.healthy, 10.0, 'the endpoint to notice the shutdown')
+    # Every transition reached the listener, as a chain of real changes.
+    states = [changes[0][0]] + [new for _, new in changes]
+    assert [old for old, _ in changes] == states[:-1] and all(o != n for o, n in changes)
+    assert states[:2] == ['UNKNOWN', 'UNREACHABLE'] and states[-1] == 'UNREACHABLE'
+    assert 'SERVING' in states
     summary = re.search(r'summary: (.*)', server.log())
     assert summary, server.log()
     counts = dict(item.split('=') for item in summary.group(1).split())

@@ -68,6 +68,22 @@ def test_deadline_can_be_changed_at_run_time_and_is_validated(node):
     assert node._policy.budget_ns == 80_000_000
 
 
+@pytest.mark.parametrize('name, value', [
+    ('deadline_ms', float('inf')), ('deadline_ms', float('nan')), ('deadline_ms', 0.0),
+    ('cloud.jpeg_quality', 0), ('cloud.jpeg_quality', 101), ('cloud.max_image_side', -1),
+    ('deadline_ms', 'soon'), ('cloud.enabled', 'yes')])
+def test_hostile_parameter_values_are_refused_and_the_node_keeps_its_own(node, name, value):
+    before = node.get_parameter(name).value
+    try:
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+    except Exception as error:  # rclpy raises for a wrong type; the service answers it
+        assert 'type' in str(error).lower() or 'invalid' in str(error).lower(), error
+    else:
+        assert not result.successful
+    assert node.get_parameter(name).value == before
+    assert node._policy.budget_ns > 0
+
+
 def _launch_calls(path: Path) -> list[ast.Call]:
     return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
 

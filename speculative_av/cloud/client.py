@@ -1,8 +1,11 @@
 """
 The vehicle's side of one cloud detector endpoint: asynchronous Detect calls and health.
 
-A background thread polls the standard gRPC health service; while it fails, polls back off
-exponentially. Callers skip endpoints that are not :attr:`CloudEndpoint.healthy`.
+Health is event-driven: a background thread keeps a grpc.health.v1 ``Watch`` stream open, so the
+server pushes every change of its serving status the moment it happens. When the stream breaks
+(the server died, the network is gone) the endpoint is unreachable; the thread opens a new
+stream as soon as the channel reports it is connected again, and otherwise retries with
+exponential backoff. Callers skip endpoints that are not :attr:`CloudEndpoint.healthy`.
 """
 from __future__ import annotations
 
@@ -50,36 +53,41 @@ class EndpointHealth:
     """A snapshot of an endpoint's health tracking; times are on the endpoint's clock (s)."""
 
     state: str
-    consecutive_failures: int
-    next_check_in_s: float
+    consecutive_failures: int  # health streams that failed in a row
+    next_check_in_s: float  # longest wait before the next stream (0 while one is open)
     last_check_s: float
     last_change_s: float
     last_error: str
+
+
+HealthListener = Callable[[str, str, str, str], None]  # endpoint, old state, new state, error
 
 
 class CloudEndpoint:
     """One gRPC cloud detector the vehicle can send frames to."""
 
     def __init__(self, name: str, target: str, *, max_message_mb: int = 16,
-                 health_interval_s: float = 0.5, backoff_initial_s: float = 0.25,
-                 backoff_max_s: float = 5.0, health_timeout_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 backoff_initial_s: float = 0.25, backoff_max_s: float = 5.0,
+                 reconnect_max_s: float = 0.8, clock: Callable[[], float] = time.monotonic,
+                 on_health_change: HealthListener | None = None) -> None:
         """
-        Connect to ``target`` ('host:port') and start polling its health.
+        Connect to ``target`` ('host:port') and start tracking its health.
 
-        Polls run every ``health_interval_s`` while the endpoint serves; after a failed poll
-        the next waits ``backoff_initial_s``, doubling per failure up to ``backoff_max_s``.
+        After a failed health stream the next one waits ``backoff_initial_s``, doubling per
+        failure up to ``backoff_max_s``, unless the channel connects first. The channel itself
+        retries a lost connection at least every ``reconnect_max_s`` (plus gRPC's 20 % jitter),
+        which bounds how long a server that is back goes unnoticed. ``on_health_change`` is
+        called on every state change, on the endpoint's thread.
         """
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError('need 0 < backoff_initial_s <= backoff_max_s, got '
                              f'{backoff_initial_s} and {backoff_max_s}')
         self._name = name
         self._target = target
-        self._interval_s = health_interval_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
-        self._health_timeout_s = health_timeout_s
         self._clock = clock
+        self._on_health_change = on_health_change
         max_bytes = max_message_mb * 1024 * 1024
         self._channel = grpc.insecure_channel(target, options=[
             ('grpc.max_send_message_length', max_bytes),
@@ -87,9 +95,10 @@ class CloudEndpoint:
             ('grpc.keepalive_time_ms', 10_000),
             ('grpc.keepalive_timeout_ms', 5_000),
             ('grpc.keepalive_permit_without_calls', 1),
-            # Reconnect as eagerly as health polls back off (gRPC's own default is 1 s..120 s).
-            ('grpc.initial_reconnect_backoff_ms', int(backoff_initial_s * 1e3)),
-            ('grpc.max_reconnect_backoff_ms', int(backoff_max_s * 1e3)),
+            # gRPC's own reconnect backoff grows to 120 s; a vehicle wants its cloud back soon.
+            ('grpc.initial_reconnect_backoff_ms', int(min(backoff_initial_s, reconnect_max_s)
+                                                      * 1e3)),
+            ('grpc.max_reconnect_backoff_ms', int(reconnect_max_s * 1e3)),
         ])
         self._stub = detection_pb2_grpc.CloudDetectorStub(self._channel)
         self._health_stub = health_pb2_grpc.HealthStub(self._channel)
@@ -97,7 +106,10 @@ class CloudEndpoint:
         now = clock()
         self._health = EndpointHealth(UNKNOWN, 0, 0.0, now, now, '')
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll_health, name=f'health-{name}',
+        self._connected = threading.Event()  # the channel became READY: watch again now
+        self._watch: Any = None  # the open Watch call, cancelled by stop()
+        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
+        self._thread = threading.Thread(target=self._track_health, name=f'health-{name}',
                                         daemon=True)
         self._thread.start()
 
@@ -162,9 +174,12 @@ class CloudEndpoint:
         return info
 
     def stop(self) -> None:
-        """Stop health polling and close the channel (pending calls end CANCELLED)."""
+        """Stop tracking health and close the channel (pending calls end CANCELLED)."""
         self._stop.set()
+        self._connected.set()
+        self._cancel_watch()
         self._thread.join()
+        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
 
     def __enter__(self) -> CloudEndpoint:
@@ -185,6 +200,7 @@ class CloudEndpoint:
             error = _error_text(exc)
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._record(UNREACHABLE, error, next_check_in_s=None)
+                self._cancel_watch()  # a fresh stream tells whether the server is still there
             return CloudReply(self._name, False, error=error, frame_id=frame_id,
                               round_trip_ms=round_trip_ms)
         response: detection_pb2.DetectResponse = future.result()
@@ -194,42 +210,76 @@ class CloudEndpoint:
             model_name=response.model_name, model_version=response.model_version,
             frame_id=frame_id, round_trip_ms=round_trip_ms)
 
-    def _poll_health(self) -> None:
-        """Poll the health service until stopped, backing off while it fails."""
+    def _cancel_watch(self) -> None:
+        with self._lock:
+            watch = self._watch
+        if watch is not None:
+            watch.cancel()
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """On a gRPC thread: a connection that is (back) up deserves a health stream now."""
+        if state is grpc.ChannelConnectivity.READY:
+            self._connected.set()
+
+    def _track_health(self) -> None:
+        """Keep a health stream open until stopped; between streams, wait for a connection."""
         backoff_s = self._backoff_initial_s
         while not self._stop.is_set():
-            state, error = self._check()
-            if state == SERVING:
-                wait_s, backoff_s = self._interval_s, self._backoff_initial_s
-            else:
-                wait_s, backoff_s = backoff_s, min(2 * backoff_s, self._backoff_max_s)
-            self._record(state, error, wait_s)
-            self._stop.wait(wait_s)
+            self._connected.clear()
+            served, state, error = self._watch_health()
+            if self._stop.is_set():
+                break
+            backoff_s = self._backoff_initial_s if served else backoff_s
+            self._record(state, error, backoff_s, failed_stream=True)
+            self._connected.wait(backoff_s)
+            backoff_s = min(2 * backoff_s, self._backoff_max_s)
 
-    def _check(self) -> tuple[str, str]:
-        """Ask the server once whether the detector serves; return (state, error)."""
+    def _watch_health(self) -> tuple[bool, str, str]:
+        """
+        Follow the server's health stream until it ends; return how it ended.
+
+        Returns (whether the stream ever said SERVING, the state after it, the error).
+        """
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        served = False
+        with self._lock:
+            if self._stop.is_set():
+                return served, UNKNOWN, 'stopped'
+            self._watch = self._health_stub.Watch(request)
         try:
-            response = self._health_stub.Check(request, timeout=self._health_timeout_s)
+            for response in self._watch:
+                serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                served = served or serving
+                self._record(SERVING if serving else NOT_SERVING, '' if serving else
+                             health_pb2.HealthCheckResponse.ServingStatus.Name(response.status),
+                             0.0)
+            return served, UNREACHABLE, 'the health stream ended'
         except grpc.RpcError as exc:
             state = NOT_SERVING if exc.code() == grpc.StatusCode.NOT_FOUND else UNREACHABLE
-            return state, _error_text(exc)
-        if response.status == health_pb2.HealthCheckResponse.SERVING:
-            return SERVING, ''
-        return NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            return served, state, _error_text(exc)
+        finally:
+            with self._lock:
+                self._watch = None
 
-    def _record(self, state: str, error: str, next_check_in_s: float | None) -> None:
-        """Store a health observation (``next_check_in_s`` None keeps the poll's schedule)."""
+    def _record(self, state: str, error: str, next_check_in_s: float | None,
+                failed_stream: bool = False) -> None:
+        """Store a health observation (``next_check_in_s`` None keeps the current schedule)."""
         now = self._clock()
         with self._lock:
             old = self._health
-            failures = 0 if state == SERVING else old.consecutive_failures + 1
+            failures = 0 if state == SERVING else old.consecutive_failures + failed_stream
             self._health = EndpointHealth(
                 state, failures,
                 old.next_check_in_s if next_check_in_s is None else next_check_in_s, now,
                 now if state != old.state else old.last_change_s, error)
-        if state != old.state:
-            _LOG.info('%s (%s): %s -> %s %s', self._name, self._target, old.state, state, error)
+        if state == old.state:
+            return
+        _LOG.info('%s (%s): %s -> %s %s', self._name, self._target, old.state, state, error)
+        if self._on_health_change is not None:
+            try:
+                self._on_health_change(self._name, old.state, state, error)
+            except Exception:  # noqa: B902 (health tracking must outlive a listener's bug)
+                _LOG.exception('%s: on_health_change raised', self._name)
 
 
 def _error_text(exc: BaseException) -> str:

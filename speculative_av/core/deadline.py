@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+import math
 
 
 class DeadlineReference(str, Enum):
@@ -27,6 +28,8 @@ class DeadlinePolicy:
     @classmethod
     def from_ms(cls, deadline_ms: float, reference: str = 'stamp') -> DeadlinePolicy:
         """Build a policy from the node's parameters (``deadline_ms``, ``deadline_reference``)."""
+        if not math.isfinite(deadline_ms):
+            raise ValueError(f'deadline must be a finite number of ms, got {deadline_ms}')
         try:
             ref = DeadlineReference(reference)
         except ValueError:

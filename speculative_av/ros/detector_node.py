@@ -4,6 +4,12 @@ Threads: the executor only enqueues frames (newest per camera wins); one worker 
 dispatches the cloud calls and runs local inference; a scheduler thread applies deadlines; gRPC
 threads deliver cloud replies. Every arbiter call and every fused publish happens under one
 lock, so fused results leave in stamp order, exactly once per processed frame.
+
+Supervision: an exception while handling one frame is logged (throttled), counted as
+``frame_errors`` and resolves that frame (its pending sources fail) while the thread goes on. A
+thread that dies anyway puts ERROR on /diagnostics and takes the lifecycle node through
+ErrorProcessing to Finalized, and the process exits with 1, so a supervisor restarts it instead
+of a zombie living on.
 """
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import FrameType
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -21,7 +29,8 @@ import numpy.typing as npt
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.clock import Clock, ClockType
+from rclpy.clock import Clock, ClockType, JumpHandle, JumpThreshold, TimeJump
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import (LifecycleNode, LifecyclePublisher, LifecycleState,
                             TransitionCallbackReturn)
@@ -34,10 +43,10 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
-from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.client import CloudEndpoint, CloudReply, SERVING
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
-from speculative_av.core.arbiter import Arbiter, FrameKey, Outcome, Source
+from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections, label_mapping
@@ -51,6 +60,21 @@ from speculative_av.ros.messages import (decision_status, detections_msg, draw_d
 from speculative_av.ros.parameters import declare
 
 LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
+# Longest the deadline thread sleeps while frames are open: a wall or ROS clock may jump, and
+# under use_sim_time "now" only moves with /clock.
+MAX_TIMER_S = 0.1
+
+
+def _check_cameras(cameras: list[str], transport: str) -> None:
+    """Refuse camera lists and transports the node could not subscribe as asked."""
+    if transport not in ('raw', 'compressed'):
+        raise ValueError(f"image_transport must be 'raw' or 'compressed', got {transport!r}")
+    if not cameras or len(set(cameras)) != len(cameras):
+        raise ValueError(f'cameras must be distinct names, got {cameras}')
+    for camera in cameras:
+        if camera and not all(part.isidentifier() for part in camera.split('/')):
+            raise ValueError(f'camera name {camera!r} is not a valid ROS name (letters, digits, '
+                             "'_', '/' between parts)")
 
 
 def _camera_topic(camera: str, leaf: str) -> str:
@@ -109,10 +133,17 @@ class SpeculativeDetector(LifecycleNode):
         self._policy = DeadlinePolicy.from_ms(
             declare(self, 'deadline_ms', 150.0,
                     'Per-frame budget in ms; the fused result is never later than this '
-                    '(unless the local detector itself is slower). Settable at run time.'),
+                    '(unless the local detector itself is slower). Settable at run time.',
+                    value_range=(1.0, 60_000.0)),
             declare(self, 'deadline_reference', 'stamp',
                     "What the deadline counts from: 'stamp' (image header stamp) or "
                     "'arrival' (reception by this node). Settable at run time."))
+        declare(self, 'stamp_backstep_tolerance_ms', 1000.0,
+                'A frame stamped up to this much before its camera\'s newest is an out-of-order '
+                'delivery and dropped as stale; further back the camera clock stepped back (a '
+                'looping replay, a time resync) and the camera\'s ordering restarts (counted as '
+                'clock_resets). Under use_sim_time a backward jump of ROS time by more than this '
+                'restarts every camera.', read_only=True, value_range=(0.0, 86_400_000.0))
         declare(self, 'local.model', 'ssdlite320_mobilenet_v3_large',
                 'torchvision detection architecture of the on-board detector.', read_only=True)
         declare(self, 'local.weights', 'DEFAULT',
@@ -120,23 +151,30 @@ class SpeculativeDetector(LifecycleNode):
                 '(tests only).', read_only=True)
         declare(self, 'local.device', 'cpu', 'cpu, cuda or cuda:N.', read_only=True)
         declare(self, 'local.score_threshold', 0.3,
-                'Detections scoring below this are dropped (both sources).', read_only=True)
+                'Detections scoring below this are dropped (both sources).', read_only=True,
+                value_range=(0.0, 1.0))
         declare(self, 'local.threads', 0, 'torch intra-op threads; 0 = torch default.',
-                read_only=True)
+                read_only=True, value_range=(0, 1024))
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
                 "Cloud detectors as '[name=]host:port[@priority]'; local has priority 0, "
                 'cloud defaults to 10.', read_only=True)
-        declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.')
+        declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.',
+                value_range=(1, 100))
         declare(self, 'cloud.max_image_side', 0,
                 'Downscale frames so their longer side is at most this before sending '
-                '(0 = full size); replies are mapped back to full-size pixels.')
+                '(0 = full size); replies are mapped back to full-size pixels.',
+                value_range=(0, 65_535))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._lock = threading.RLock()
         self._arbiter = Arbiter()
         self._stats = SpeculationStats()
         self._counters = {'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0,
-                          'stale_frames': 0}
+                          'stale_frames': 0, 'frame_errors': 0, 'clock_resets': 0}
+        self._health_changes: dict[str, int] = {}
+        self._fatal = ''  # why a thread died; set once, ends the node
+        self._fatal_guard = self.create_guard_condition(self._on_fatal)
+        self._jump_handle: JumpHandle | None = None
         self._inflight: dict[FrameKey, _InFlight] = {}
         self._slots: LatestFrameSlots[_Frame] = LatestFrameSlots()
         self._wake = threading.Event()
@@ -162,12 +200,23 @@ class SpeculativeDetector(LifecycleNode):
             specs: list[EndpointSpec] = (
                 parse_endpoints(self.get_parameter('cloud.endpoints').value)
                 if self.get_parameter('cloud.enabled').value else [])
+            _check_cameras(self.get_parameter('cameras').value,
+                           self.get_parameter('image_transport').value)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
         # Pay the first-inference cost (allocations, kernel selection) before frames count.
         self._detector.detect(np.zeros((480, 640, 3), np.uint8))
-        self._endpoints = [CloudEndpoint(s.name, s.target) for s in specs]
+        tolerance_ns = round(self.get_parameter('stamp_backstep_tolerance_ms').value * 1e6)
+        self._arbiter = Arbiter(max(0, tolerance_ns))
+        self._inflight.clear()
+        if self.get_parameter('use_sim_time').value:
+            self._jump_handle = self.get_clock().create_jump_callback(
+                JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-max(
+                    1, tolerance_ns)), on_clock_change=True), post_callback=self._on_time_jump)
+        self._health_changes = {s.name: 0 for s in specs}
+        self._endpoints = [CloudEndpoint(s.name, s.target, on_health_change=self._on_health_change)
+                           for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
         self._label_maps = {e.name: self._cloud_label_map(e) for e in self._endpoints}
         self.get_logger().info(
@@ -227,25 +276,39 @@ class SpeculativeDetector(LifecycleNode):
                 msg_type, topic, partial(self._on_image, camera), qos_profile_sensor_data)
         self._slots = LatestFrameSlots()
         self._running = True
-        self._threads = [threading.Thread(target=self._work, name='detector', daemon=True),
-                         threading.Thread(target=self._schedule, name='deadlines', daemon=True)]
+        self._threads = [self._supervised('detector', self._work),
+                         self._supervised('deadlines', self._schedule)]
         for thread in self._threads:
             thread.start()
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop taking frames; frames already in flight resolve by their deadlines."""
+        """Stop taking frames; frames in flight are decided now with the results in hand."""
         for camera in self._cameras:
             if camera.subscription is not None:
                 self.destroy_subscription(camera.subscription)
                 camera.subscription = None
         self._stop_threads()
+        self._resolve_open_frames('node deactivated')
+        if self._fatal:
+            return TransitionCallbackReturn.ERROR  # on to ErrorProcessing
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release the model, the cloud channels and the publishers."""
         self._release()
         return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release everything after a thread died; FAILURE ends in Finalized."""
+        self.get_logger().fatal(f'error processing: {self._fatal or "transition failed"}')
+        self._release()
+        return TransitionCallbackReturn.FAILURE
+
+    @property
+    def failed(self) -> str:
+        """Return why a thread of the node died ('' while none did)."""
+        return self._fatal
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop everything from any state."""
@@ -264,11 +327,23 @@ class SpeculativeDetector(LifecycleNode):
         self._slots.close()
         self._wake.set()
         for thread in self._threads:
-            thread.join(timeout=10)
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
         self._threads = []
+
+    def _resolve_open_frames(self, reason: str) -> None:
+        """Decide every open frame now (the threads that would have are stopped)."""
+        with self._lock:
+            for key in list(self._inflight):
+                for call in self._inflight[key].calls.values():
+                    call.cancel()
+                self._apply(partial(self._abandon, key, reason))
 
     def _release(self) -> None:
         self.close()
+        if self._jump_handle is not None:
+            self._jump_handle.unregister()
+            self._jump_handle = None
         for camera in self._cameras:
             for publisher in (camera.fused, camera.local, camera.cloud, camera.debug):
                 self.destroy_lifecycle_publisher(publisher)
@@ -299,12 +374,39 @@ class SpeculativeDetector(LifecycleNode):
         self._counters['frames_received'] += 1
         self._slots.put(camera.name, _Frame(msg, self._now_ns()))
 
+    def _supervised(self, name: str, loop: Callable[[], None]) -> threading.Thread:
+        """Return a thread running ``loop`` whose death, should it happen, ends the node."""
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as error:  # noqa: B902 (whatever killed it is reported)
+                self._fatal = f'{name} thread died: {error!r}'
+                self.get_logger().fatal(f'{self._fatal}\n{traceback.format_exc()}')
+                self._fatal_guard.trigger()
+
+        return threading.Thread(target=run, name=name, daemon=True)
+
+    def _on_fatal(self) -> None:
+        """On the executor: report the dead thread and leave the Active state through ERROR."""
+        self._publish_diagnostics()
+        self.trigger_deactivate()
+
+    def _frame_error(self, what: str, error: BaseException) -> None:
+        """Log (throttled) and count an exception raised while handling one frame."""
+        with self._lock:
+            self._counters['frame_errors'] += 1
+        self._throttled_error(f'{what} failed: {error!r}')
+
     def _work(self) -> None:
         while self._running:
             taken = self._slots.take(timeout=0.5)
-            if taken is not None:
-                camera = next(c for c in self._cameras if c.name == taken[0])
+            if taken is None:
+                continue
+            camera = next(c for c in self._cameras if c.name == taken[0])
+            try:
                 self._process(camera, taken[1])
+            except Exception as error:  # noqa: B902 (before its race opened: nothing to resolve)
+                self._frame_error('preparing a frame', error)
 
     def _process(self, camera: _Camera, frame: _Frame) -> None:
         assert self._detector is not None
@@ -324,29 +426,50 @@ class SpeculativeDetector(LifecycleNode):
         endpoints = [e for e in self._endpoints if e.healthy] if self.get_parameter(
             'cloud.enabled').value else []
         with self._lock:
+            resets = self._arbiter.clock_resets.get(camera.name, 0)
             key = self._arbiter.open(camera.name, stamp_ns, start_ns, deadline_ns,
                                      [LOCAL, *(self._sources[e.name] for e in endpoints)])
             if key is None:
                 self._counters['stale_frames'] += 1
                 return
+            if self._arbiter.clock_resets.get(camera.name, 0) != resets:
+                self._counters['clock_resets'] += 1
+                self.get_logger().warning(
+                    f'camera {camera.name or "image"}: stamp stepped back to '
+                    f'{stamp_ns / 1e9:.3f} s; its frame ordering restarts')
             self._counters['frames_processed'] += 1
             watch = camera.debug.get_subscription_count() > 0
             inflight = _InFlight(camera, msg.header, rgb if watch else None, {})
             self._inflight[key] = inflight
         self._wake.set()
-        if endpoints:
-            self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
-        inference_began = time.perf_counter()
         try:
-            local = self._detector.detect(rgb)
-        except Exception as error:  # a model failure must not stop the node
-            self._throttled_error(f'local inference failed: {error!r}')
-            self._apply(lambda now: self._arbiter.fail(key, LOCAL.name, now, repr(error)))
-            return
+            self._race(key, inflight, rgb, stamp_ns, deadline_ns, endpoints, began)
+        except Exception as error:  # noqa: B902 (one broken frame must not stop the node)
+            self._frame_error(f'frame {stamp_ns / 1e9:.3f} of {inflight.header.frame_id!r}', error)
+            for call in list(inflight.calls.values()):
+                call.cancel()
+            self._apply(partial(self._abandon, key, repr(error)))
+
+    def _race(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
+              stamp_ns: int, deadline_ns: int, endpoints: list[CloudEndpoint],
+              began: float) -> None:
+        """Send the frame to the cloud endpoints, then run the local detector on it."""
+        assert self._detector is not None
+        if endpoints:
+            try:
+                self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+            except Exception as error:  # noqa: B902 (the local detector still runs)
+                self._frame_error('sending a frame to the cloud', error)
+                for call in list(inflight.calls.values()):
+                    call.cancel()
+                for endpoint in endpoints:
+                    self._apply(partial(self._fail_now, key, endpoint.name, repr(error)))
+        inference_began = time.perf_counter()
+        local = self._detector.detect(rgb)
         inference_s = time.perf_counter() - inference_began
-        local_msg = detections_msg(local, msg.header)
+        local_msg = detections_msg(local, inflight.header)
         inflight.messages[LOCAL.name] = local_msg
-        camera.local.publish(local_msg)
+        inflight.camera.local.publish(local_msg)
         self._apply(lambda now: self._arbiter.arrive(key, LOCAL.name, local, now))
         with self._lock:
             self._stats.overhead_ms.append((time.perf_counter() - began - inference_s) * 1e3)
@@ -367,10 +490,21 @@ class SpeculativeDetector(LifecycleNode):
                     encoded, inflight.header.frame_id, stamp_ns, remaining_ns / 1e9,
                     time.time_ns() + remaining_ns, partial(self._on_cloud_reply, key))
 
+    def _abandon(self, key: FrameKey, error: str, now: int) -> Outcome:
+        return self._arbiter.abandon(key, now, error)
+
     def _fail_now(self, key: FrameKey, source: str, error: str, now: int) -> Outcome:
         return self._arbiter.fail(key, source, now, error)
 
     def _on_cloud_reply(self, key: FrameKey, reply: CloudReply) -> None:
+        """On a gRPC thread: hand one endpoint's outcome to the arbiter, whatever happens."""
+        try:
+            self._cloud_outcome(key, reply)
+        except Exception as error:  # noqa: B902 (the frame must still resolve)
+            self._frame_error(f'handling the reply of {reply.endpoint}', error)
+            self._apply(lambda now: self._arbiter.fail(key, reply.endpoint, now, repr(error)))
+
+    def _cloud_outcome(self, key: FrameKey, reply: CloudReply) -> None:
         inflight = self._inflight.get(key)
         mapping = self._label_maps.get(reply.endpoint)
         if reply.ok and mapping is not None:
@@ -388,29 +522,47 @@ class SpeculativeDetector(LifecycleNode):
             self._apply(lambda now: self._arbiter.fail(key, reply.endpoint, now, reply.error))
 
     def _schedule(self) -> None:
-        """Call the arbiter at each deadline (woken early when a new frame opens)."""
+        """Apply each deadline once, sleeping until the next one or until a frame opens."""
         while self._running:
+            self._wake.clear()  # before reading the next deadline: no wake-up gets lost
             with self._lock:
                 next_ns = self._arbiter.next_deadline_ns()
-            # Capped: with use_sim_time the clock may jump, or not have started yet.
-            timeout = 0.1 if next_ns is None else min(0.1, max(0.0, (next_ns - self._now_ns())
-                                                               / 1e9))
-            self._wake.wait(timeout)
-            self._wake.clear()
-            self._apply(self._arbiter.tick)
+            self._wake.wait(None if next_ns is None else min(
+                MAX_TIMER_S, max(0.0, (next_ns - self._now_ns()) / 1e9)))
+            try:
+                self._apply(self._arbiter.tick)
+            except Exception as error:  # noqa: B902 (the next deadline still needs applying)
+                self._frame_error('applying deadlines', error)
 
-    def _apply(self, call: object) -> None:
+    def _on_time_jump(self, jump: TimeJump) -> None:
+        """ROS time jumped (use_sim_time): open frames keep their budget, cameras restart."""
+        delta_ns = jump.delta.nanoseconds
+        with self._lock:
+            self._arbiter.shift_clock(delta_ns)
+            self._counters['clock_resets'] += 1
+        self.get_logger().warning(
+            f'ROS time jumped by {delta_ns / 1e9:+.3f} s; frame ordering restarts')
+        self._wake.set()
+
+    def _on_health_change(self, endpoint: str, old: str, new: str, error: str) -> None:
+        """On the endpoint's thread: log and count a health transition."""
+        with self._lock:
+            self._health_changes[endpoint] = self._health_changes.get(endpoint, 0) + 1
+        text = f'cloud endpoint {endpoint}: {old} -> {new}' + (f' ({error})' if error else '')
+        if new == SERVING:
+            self.get_logger().info(text)
+        else:
+            self.get_logger().warning(text)
+
+    def _apply(self, call: Callable[[int], Outcome]) -> None:
         """Run an arbiter call under the lock, publish what it releases, cancel what it asks."""
         with self._lock:
-            outcome: Outcome = call(self._now_ns())  # type: ignore[operator]
+            outcome = call(self._now_ns())
             for decision in outcome.decisions:
-                inflight = self._inflight[decision.key]
-                fused = inflight.messages.get(decision.winner or '')
-                inflight.camera.fused.publish(
-                    fused or detections_msg(decision.detections, inflight.header))
-                if inflight.rgb is not None:
-                    self._publish_debug(inflight, decision.detections, decision.winner,
-                                        decision.late)
+                try:
+                    self._publish_decision(decision)
+                except Exception as error:  # noqa: B902 (later decisions must still go out)
+                    self._frame_error('publishing a fused result', error)
             for record in outcome.settled:
                 self._stats.add(record)
                 inflight = self._inflight.pop(record.key)
@@ -422,6 +574,14 @@ class SpeculativeDetector(LifecycleNode):
         for call_future in calls:
             if call_future is not None:
                 call_future.cancel()
+
+    def _publish_decision(self, decision: Decision) -> None:
+        inflight = self._inflight[decision.key]
+        fused = inflight.messages.get(decision.winner or '')
+        inflight.camera.fused.publish(
+            fused or detections_msg(decision.detections, inflight.header))
+        if inflight.rgb is not None:
+            self._publish_debug(inflight, decision.detections, decision.winner, decision.late)
 
     def _publish_debug(self, inflight: _InFlight, detections: Detections, winner: str | None,
                        late: bool) -> None:
@@ -440,7 +600,8 @@ class SpeculativeDetector(LifecycleNode):
         with self._lock:
             health = {e.name: e.health_state for e in self._endpoints}
             statuses = [source_status(self.get_name(), name, self._stats.source(name),
-                                      health.get(name, 'SERVING'))
+                                      health.get(name, SERVING),
+                                      self._health_changes.get(name, 0))
                         for name in [LOCAL.name, *self._sources]]
             counters: dict[str, int | float] = {
                 **self._counters, 'dropped_frames': sum(self._slots.dropped.values()),
@@ -448,7 +609,7 @@ class SpeculativeDetector(LifecycleNode):
             for q in (50, 95):
                 value = percentile(self._stats.overhead_ms, q)
                 counters[f'node_overhead_ms_p{q}'] = round(value, 3) if value is not None else 0
-            statuses.append(summary_status(self.get_name(), counters))
+            statuses.append(summary_status(self.get_name(), counters, self._fatal))
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 
@@ -471,7 +632,7 @@ def main(args: list[str] | None = None) -> int:
                 node.get_logger().fatal('configuration failed; exiting')
                 return 1
             node.trigger_activate()
-        while rclpy.ok():  # in slices, so the Python signal handler gets to run
+        while rclpy.ok() and not node.failed:  # in slices, so Python signal handlers run
             rclpy.spin_once(node, timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -479,7 +640,7 @@ def main(args: list[str] | None = None) -> int:
         node.close()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return 1 if node.failed else 0
 
 
 if __name__ == '__main__':

@@ -101,7 +101,8 @@ def decision_status(record: FrameRecord, frame_id: str, deadline_budget_ms: floa
         values=[KeyValue(key=k, value=v) for k, v in values.items()])
 
 
-def source_status(node_name: str, source: str, stats: SourceStats, health: str) -> DiagnosticStatus:
+def source_status(node_name: str, source: str, stats: SourceStats, health: str,
+                  health_changes: int = 0) -> DiagnosticStatus:
     """Return the 1 Hz health and latency summary of one source."""
     p50, p95 = stats.percentile_ms(50), stats.percentile_ms(95)
     values = {
@@ -109,6 +110,7 @@ def source_status(node_name: str, source: str, stats: SourceStats, health: str) 
         'arrived': str(stats.arrived), 'wins': str(stats.wins),
         'deadline_misses': str(stats.deadline_misses), 'failed': str(stats.failed),
         'cancelled': str(stats.cancelled), 'health': health,
+        'health_changes': str(health_changes),
     }
     level = {'SERVING': DiagnosticStatus.OK, 'UNKNOWN': DiagnosticStatus.WARN}.get(
         health, DiagnosticStatus.ERROR)
@@ -118,13 +120,16 @@ def source_status(node_name: str, source: str, stats: SourceStats, health: str) 
                             values=[KeyValue(key=k, value=v) for k, v in values.items()])
 
 
-def summary_status(node_name: str, counters: Mapping[str, int | float]) -> DiagnosticStatus:
-    """Return the node-level counters (frames, drops, late results, rejected input)."""
-    bad = counters.get('invalid_images', 0) or counters.get('late', 0)
+def summary_status(node_name: str, counters: Mapping[str, int | float],
+                   fatal: str = '') -> DiagnosticStatus:
+    """Return the node-level counters; ERROR with ``fatal`` once a thread of the node died."""
+    bad = any(counters.get(k, 0) for k in ('invalid_images', 'late', 'frame_errors'))
+    level = DiagnosticStatus.ERROR if fatal else (
+        DiagnosticStatus.WARN if bad else DiagnosticStatus.OK)
     return DiagnosticStatus(
-        level=DiagnosticStatus.WARN if bad else DiagnosticStatus.OK,
-        name=f'{node_name}: speculation', hardware_id=node_name,
-        message=', '.join(f'{k} {v}' for k, v in counters.items()),
+        level=level, name=f'{node_name}: speculation', hardware_id=node_name,
+        message=(f'{fatal}; ' if fatal else '')
+        + ', '.join(f'{k} {v}' for k, v in counters.items()),
         values=[KeyValue(key=k, value=str(v)) for k, v in counters.items()])
 
 
