@@ -116,11 +116,14 @@ def report(request: pytest.FixtureRequest, setup: Rig, timing: Timing, fault: st
     winners = setup.observed.winners()
     leaks = ', '.join(f'{k} {v}' for k, v in setup.footprints.items())
     lost = int(setup.counters['frames_processed']) - len(setup.observed.fused)
+    published = np.array([float(d['published_after_deadline_ms'])
+                          for d, _ in setup.observed.decisions])
     row = (f'| {fault} | {expected} | {len(values)} fused of '
            f"{setup.counters['frames_processed']} processed, lost {lost}; received after the "
-           f'deadline {figures(values)}; late {timing.late}; winners cloud '
-           f'{winners.count("cloud")} local {winners.count("local")} none '
-           f'{winners.count("none")}; {leaks} |')
+           f'deadline {figures(values)} (node-reported max {published.max():.0f} ms); late '
+           f'{timing.late}; beyond slack {len(timing.problems)} (+{timing.stalled} in machine '
+           f'stalls); winners cloud {winners.count("cloud")} local {winners.count("local")} '
+           f'none {winners.count("none")}; {leaks} |')
     print('\n' + row)
     OUT.mkdir(parents=True, exist_ok=True)
     name = request.node.name.replace('/', '_')
@@ -129,7 +132,8 @@ def report(request: pytest.FixtureRequest, setup: Rig, timing: Timing, fault: st
         'frames_processed': int(setup.counters['frames_processed']),
         'fused': len(setup.observed.fused), 'lost': lost, 'late': timing.late,
         'after_deadline_ms': _stats(values), 'image_delay_ms': _stats(timing.image_delay_ms),
-        'late_beyond_slack': len(timing.problems),
+        'late_beyond_slack': len(timing.problems), 'late_in_stalls': timing.stalled,
+        'node_published_after_deadline_ms': _stats(published),
         'winners': {k: winners.count(k) for k in ('cloud', 'local', 'none')},
         'counters': setup.counters,
         'footprints': {k: vars(v) for k, v in setup.footprints.items()},
