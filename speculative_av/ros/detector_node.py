@@ -502,7 +502,7 @@ class SpeculativeDetector(LifecycleNode):
             self._cloud_outcome(key, reply)
         except Exception as error:  # noqa: B902 (the frame must still resolve)
             self._frame_error(f'handling the reply of {reply.endpoint}', error)
-            self._apply(lambda now: self._arbiter.fail(key, reply.endpoint, now, repr(error)))
+            self._apply(partial(self._fail_now, key, reply.endpoint, repr(error)))
 
     def _cloud_outcome(self, key: FrameKey, reply: CloudReply) -> None:
         inflight = self._inflight.get(key)
