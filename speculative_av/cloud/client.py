@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2_grpc
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
 
 _LOG = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class EndpointHealth:
 class CloudEndpoint:
     """One gRPC cloud detector the vehicle can send frames to."""
 
-    def __init__(self, name: str, target: str, *, max_message_mb: int = 16,
+    def __init__(self, name: str, target: str, *, security: ChannelSecurity,
+                 max_message_mb: int = 16,
                  health_interval_s: float = 0.5, backoff_initial_s: float = 0.25,
                  backoff_max_s: float = 5.0, health_timeout_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,6 +71,8 @@ class CloudEndpoint:
 
         Polls run every ``health_interval_s`` while the endpoint serves; after a failed poll
         the next waits ``backoff_initial_s``, doubling per failure up to ``backoff_max_s``.
+        ``security`` has no default: plaintext (:meth:`ChannelSecurity.insecure`) must be a
+        choice. Health polls use the same channel, TLS and token as Detect.
         """
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError('need 0 < backoff_initial_s <= backoff_max_s, got '
@@ -81,7 +85,7 @@ class CloudEndpoint:
         self._health_timeout_s = health_timeout_s
         self._clock = clock
         max_bytes = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = security.channel(target, options=[
             ('grpc.max_send_message_length', max_bytes),
             ('grpc.max_receive_message_length', max_bytes),
             ('grpc.keepalive_time_ms', 10_000),

@@ -37,6 +37,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 from speculative_av.cloud.client import CloudEndpoint, CloudReply
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Arbiter, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
@@ -131,6 +132,23 @@ class SpeculativeDetector(LifecycleNode):
         declare(self, 'cloud.max_image_side', 0,
                 'Downscale frames so their longer side is at most this before sending '
                 '(0 = full size); replies are mapped back to full-size pixels.')
+        declare(self, 'cloud.insecure', False,
+                'Plaintext gRPC without TLS or token (logs a warning): only for a server on this '
+                'machine or a trusted network. Otherwise the link uses TLS.', read_only=True)
+        declare(self, 'cloud.tls.ca_file', '',
+                "PEM CA bundle the server certificate must chain to ('' = system roots).",
+                read_only=True)
+        declare(self, 'cloud.tls.cert_file', '',
+                "PEM client certificate for mutual TLS ('' = none; needs cloud.tls.key_file).",
+                read_only=True)
+        declare(self, 'cloud.tls.key_file', '',
+                "PEM private key of cloud.tls.cert_file ('' = none).", read_only=True)
+        declare(self, 'cloud.tls.server_name', '',
+                "Name expected in the server certificate when it differs from the endpoint's "
+                "host, e.g. when connecting by IP ('' = the host).", read_only=True)
+        declare(self, 'cloud.token_file', '',
+                "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
+                "metadata over TLS ('' = no token).", read_only=True)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._lock = threading.RLock()
         self._arbiter = Arbiter()
@@ -162,12 +180,23 @@ class SpeculativeDetector(LifecycleNode):
             specs: list[EndpointSpec] = (
                 parse_endpoints(self.get_parameter('cloud.endpoints').value)
                 if self.get_parameter('cloud.enabled').value else [])
+            insecure = self.get_parameter('cloud.insecure').value
+            security = ChannelSecurity.from_settings(
+                insecure=insecure, ca_file=self.get_parameter('cloud.tls.ca_file').value,
+                cert_file=self.get_parameter('cloud.tls.cert_file').value,
+                key_file=self.get_parameter('cloud.tls.key_file').value,
+                token_file=self.get_parameter('cloud.token_file').value,
+                server_name=self.get_parameter('cloud.tls.server_name').value)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
         # Pay the first-inference cost (allocations, kernel selection) before frames count.
         self._detector.detect(np.zeros((480, 640, 3), np.uint8))
-        self._endpoints = [CloudEndpoint(s.name, s.target) for s in specs]
+        if insecure and specs:
+            self.get_logger().warning(
+                'cloud.insecure is true: frames go to the cloud in PLAINTEXT, without TLS or '
+                'token; use this only for a server on this machine or a trusted network')
+        self._endpoints = [CloudEndpoint(s.name, s.target, security=security) for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
         self._label_maps = {e.name: self._cloud_label_map(e) for e in self._endpoints}
         self.get_logger().info(
