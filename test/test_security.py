@@ -302,6 +302,14 @@ def test_server_security_options(pki: Pki) -> None:
         with pytest.raises(SecurityError, match=message):
             ServerSecurity.from_args(parse_args(list(argv)))
     assert ServerSecurity.from_args(parse_args(['--insecure'])).interceptors == ()
+    assert [parse_args(argv).insecure for argv in (
+        [], ['--insecure'], ['--insecure', 'true'], ['--insecure', 'False'])] == [
+            False, True, True, False]
+    # What a launch file passes when nothing is configured: empty paths count as not given.
+    with pytest.raises(SecurityError, match='refusing to serve without TLS'):
+        ServerSecurity.from_args(parse_args([
+            '--insecure', 'false', '--tls-cert', '', '--tls-key', '', '--tls-client-ca', '',
+            '--tokens', '', '--max-calls-per-client', '0']))
     full = ServerSecurity.from_args(parse_args([
         *_tls_args(pki), '--tls-client-ca', pki.path('ca.pem'), '--tokens',
         pki.path('tokens.txt'), '--max-calls-per-client', '2']))

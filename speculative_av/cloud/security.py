@@ -298,12 +298,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--tokens', default='', metavar='FILE',
                        help="'vehicle_id token [Method,...]' lines; Detect and GetModelInfo then "
                        'need "authorization: Bearer <token>" metadata')
-    group.add_argument('--insecure', action='store_true',
+    group.add_argument('--insecure', nargs='?', const=True, default=False, type=_boolean,
+                       metavar='true|false',
                        help='serve plaintext without TLS (loopback, a trusted network, or behind '
-                       'a TLS-terminating proxy only)')
+                       "a TLS-terminating proxy only); a value ('--insecure false') lets launch "
+                       'files pass it like every other option')
     group.add_argument('--max-calls-per-client', type=int, default=0, metavar='N',
                        help='concurrent Detect calls one client (vehicle, certificate or '
                        'address) may have; more answer RESOURCE_EXHAUSTED at once (0 = no limit)')
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ('true', 'false'):
+        raise argparse.ArgumentTypeError(f"expected 'true' or 'false', got {text!r}")
+    return text.lower() == 'true'
 
 
 @dataclass(frozen=True)
