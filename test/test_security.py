@@ -13,8 +13,8 @@ import datetime
 import hashlib
 import ipaddress
 import logging
-import re
 from pathlib import Path
+import re
 import secrets
 import time
 from typing import Iterator
@@ -273,7 +273,8 @@ def test_interceptor_guards_every_service_but_health_and_reflection(pki: Pki) ->
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: 'answered')
     for path in ('/grpc.health.v1.Health/Check',
                  '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo'):
-        assert interceptor.intercept_service(lambda details: handler, _CallDetails(path)) is handler
+        passed = interceptor.intercept_service(lambda details: handler, _CallDetails(path))
+        assert passed is handler
     for path in (f'/{SERVICE}/Detect', '/speculative_av.v2.Added/Anything'):
         context = _AbortingContext()
         refusal = interceptor.intercept_service(lambda details: handler, _CallDetails(path))
@@ -348,7 +349,7 @@ def test_server_refuses_to_start_without_tls_or_insecure(tmp_path: Path) -> None
 @pytest.fixture(scope='module')
 def servers(pki: Pki, tmp_path_factory: pytest.TempPathFactory,
             ) -> Iterator[dict[str, ServerProcess]]:
-    """A TLS server with tokens and a per-client limit of 1, and a mutual-TLS server."""
+    """Start a TLS server with tokens and a per-client limit of 1, and a mutual-TLS server."""
     logs = tmp_path_factory.mktemp('secure_logs')
     started = {
         'token': ServerProcess(logs / 'token.log', '--log-level', 'DEBUG', '--extra-latency-ms',

@@ -8,8 +8,8 @@ slot. Client side (:class:`ChannelSecurity`): how a cloud endpoint builds its ch
 
 Plaintext exists only when chosen explicitly. With tokens, every call needs one except those
 of grpc.health.v1 and reflection, which stay open so load balancers and Kubernetes probes work
-(failing closed: a service added later is guarded too). The server keeps SHA-256 digests of the tokens, compares
-them in constant time, and never logs a token or an image.
+(failing closed: a service added later is guarded too). The server keeps SHA-256 digests of
+the tokens, compares them in constant time, and never logs a token or an image.
 """
 from __future__ import annotations
 
@@ -289,7 +289,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         'security', 'TLS is required unless --insecure is given (README: Securing the cloud '
         'link)')
     group.add_argument('--tls-cert', default='', metavar='FILE',
-                       help="PEM certificate chain of this server")
+                       help='PEM certificate chain of this server')
     group.add_argument('--tls-key', default='', metavar='FILE',
                        help='PEM private key of --tls-cert')
     group.add_argument('--tls-client-ca', default='', metavar='FILE',
