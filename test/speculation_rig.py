@@ -32,7 +32,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def cloud_server(port: int, extra_latency_ms: float = 0,
                  security: tuple[str, ...] = ('--insecure',)) -> Iterator[subprocess.Popen[str]]:
-    """Run the cloud server on ``port`` until the block ends; wait until it listens.
+    """
+    Run the cloud server on ``port`` until the block ends; wait until it listens.
 
     ``security`` are its security options: plaintext on loopback unless a test passes TLS ones.
     """
