@@ -33,6 +33,7 @@ from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
 from speculative_av.cloud import generate_protos
 from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 
@@ -40,18 +41,21 @@ MODEL = 'ssdlite320_mobilenet_v3_large'
 SERVICE = 'speculative_av.v1.CloudDetector'
 EXTRA_LATENCY_MS = 400.0
 STARTUP_TIMEOUT_S = 60.0
+PLAINTEXT = ChannelSecurity.insecure()  # these servers listen on loopback only
 
 
 class ServerProcess:
     """A cloud server in its own OS process, logging to a file."""
 
-    def __init__(self, log_path: Path, *args: str, port: int = 0) -> None:
+    def __init__(self, log_path: Path, *args: str, port: int = 0,
+                 security: tuple[str, ...] = ('--insecure',)) -> None:
+        """Start it; ``security`` are its security options (default: plaintext on loopback)."""
         self.log_path = log_path
         with log_path.open('w') as log:
             self.process = subprocess.Popen(
                 [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
                  '--port', str(port), '--model', MODEL, '--weights', 'random',
-                 '--score-threshold', '0.0', *args],
+                 '--score-threshold', '0.0', *security, *args],
                 stdout=subprocess.PIPE, stderr=log, text=True)
         self._target = ''
 
@@ -236,7 +240,7 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
         assert {m.name for m in service.methods} == {'Detect', 'GetModelInfo'}
-    with CloudEndpoint('plain', target) as endpoint:
+    with CloudEndpoint('plain', target, security=PLAINTEXT) as endpoint:
         info = endpoint.model_info(timeout_s=5.0)
     assert info is not None
     assert (info.model_name, info.model_version, info.device) == (MODEL, 'random', 'cpu')
@@ -292,7 +296,7 @@ def test_submit_replies_cancel_and_timeout(servers: dict[str, ServerProcess],
                                            local_detector: TorchvisionDetector,
                                            image: np.ndarray) -> None:
     frame = codec.encode_frame(image)
-    with CloudEndpoint('slow', servers['slow'].target) as endpoint:
+    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT) as endpoint:
         wait_until(lambda: endpoint.healthy, 10.0, 'the slow endpoint to be healthy')
         cancelled, timed_out, answered = Replies(), Replies(), Replies()
         future = endpoint.submit(frame, 'f1', 1, 30.0, 0, cancelled)
@@ -319,8 +323,8 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     port = _free_port()
     target = f'127.0.0.1:{port}'
     changes: list[tuple[str, str]] = []
-    with CloudEndpoint('late', target, backoff_initial_s=0.05, backoff_max_s=0.4,
-                       on_health_change=lambda name, old, new, error: changes.append(
+    with CloudEndpoint('late', target, security=PLAINTEXT, backoff_initial_s=0.05,
+                       backoff_max_s=0.4, on_health_change=lambda name, old, new, error: changes.append(
                            (old, new))) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy

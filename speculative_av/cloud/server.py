@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
 from speculative_av.detectors.torchvision_detector import detection_models, TorchvisionDetector
 
 _LOG = logging.getLogger('cloud_server')
@@ -141,8 +142,14 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     """
     Listen, load the model, serve until ``stop`` is set; return the exit code.
 
-    The listening line goes to ``announce``, the only thing ever written there.
+    The listening line goes to ``announce``, the only thing ever written there. Without TLS
+    and without ``--insecure`` it refuses to start (exit code 2).
     """
+    try:
+        security = ServerSecurity.from_args(args)
+    except SecurityError as exc:
+        _LOG.error('%s', exc)
+        return 2
     service = DetectionService(args.concurrency, args.extra_latency_ms)
     workers = 4 * args.concurrency + 4
     max_bytes = args.max_message_mb * 1024 * 1024
@@ -152,7 +159,7 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
                  ('grpc.max_send_message_length', max_bytes),
                  ('grpc.keepalive_permit_without_calls', 1),
                  ('grpc.http2.min_ping_interval_without_data_ms', 5000)],
-        maximum_concurrent_rpcs=workers)
+        interceptors=security.interceptors, maximum_concurrent_rpcs=workers)
     detection_pb2_grpc.add_CloudDetectorServicer_to_server(service, server)
     health_service = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
@@ -163,7 +170,9 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     address = f'[{args.host}]' if ':' in args.host and not args.host.startswith('[') else (
         args.host)
     try:
-        port = server.add_insecure_port(f'{address}:{args.port}')
+        port = (server.add_insecure_port(f'{address}:{args.port}')
+                if security.credentials is None
+                else server.add_secure_port(f'{address}:{args.port}', security.credentials))
     except RuntimeError as exc:
         _LOG.error('could not listen on %s:%d: %s', address, args.port, exc)
         return 1
@@ -179,9 +188,9 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     service.set_detector(detector)
     for name in ('', SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms',
+    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms; %s',
               detector.model_name, detector.model_version, detector.device, args.concurrency,
-              args.extra_latency_ms)
+              args.extra_latency_ms, security.description)
     stop.wait()
     health_service.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE_S).wait()
@@ -207,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
     parser.add_argument('--log-level', default='INFO',
                         choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     if args.model not in detection_models():
         parser.error(f'--model {args.model!r} is not one of {", ".join(detection_models())}')
