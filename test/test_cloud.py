@@ -185,16 +185,16 @@ def test_encode_decode_and_response_round_trip(image: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize('image_format, data, message', [
-    ('jpeg', b'not a jpeg at all', 'could not decode'),
-    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'could not decode'),
-    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start like a png'),
-    ('gif', b'GIF89a', 'image_format must be one of'),
+    ('jpeg', b'not a jpeg at all', 'cannot decode 17 bytes as jpeg'),
+    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'cannot decode 38 bytes as png'),
+    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start with the png signature'),
+    ('gif', b'GIF89a', 'image format must be one of'),
     ('jpeg', b'', 'no image bytes'),
 ])
 def test_decode_rejects_bad_images(image_format: str, data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        codec.decode_request_image(detection_pb2.DetectRequest(image=data,
-                                                               image_format=image_format))
+        codec.decode_request_image(detection_pb2.DetectRequest(
+            image=data, image_format=image_format, original_width=64, original_height=48))
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
