@@ -35,8 +35,9 @@ def compressed(fmt: str, data: bytes) -> CompressedImage:
 
 def request(data: bytes, **fields: object) -> detection_pb2.DetectRequest:
     """Build a jpeg DetectRequest that is valid apart from what ``fields`` change."""
-    values: dict = dict(image=data, image_format='jpeg', original_width=640,
-                        original_height=480, frame_id='cam', stamp_ns=1, deadline_unix_ns=0)
+    values: dict = {'image': data, 'image_format': 'jpeg', 'original_width': 640,
+                    'original_height': 480, 'frame_id': 'cam', 'stamp_ns': 1,
+                    'deadline_unix_ns': 0}
     values.update(fields)
     return detection_pb2.DetectRequest(**values)
 
@@ -98,7 +99,8 @@ def test_a_truncated_image_within_the_limit_is_a_decode_error() -> None:
 
 @pytest.mark.parametrize('fmt', ['png', 'rgb8; png compressed bgr8', 'jpeg',
                                  'rgb8; jpeg compressed bgr8'])
-@pytest.mark.parametrize('data', [b'', b'\x89PNG\r\n\x1a\n', b'\xff\xd8', b'\0' * 64])
+@pytest.mark.parametrize('data', [b'', b'\x89PNG\r\n\x1a\n', b'\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0',
+                                  b'\xff\xd8', b'\0' * 64])
 def test_empty_or_junk_compressed_data_is_a_conversion_error(fmt: str, data: bytes) -> None:
     """Issue 7: empty png data raised cv2.error in the node's worker."""
     with pytest.raises(ImageConversionError, match='cannot decode'):

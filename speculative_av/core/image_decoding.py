@@ -57,13 +57,14 @@ def declared_size(data: ByteData, image_format: str) -> tuple[int, int]:
         return int(width), int(height)
     if image_format == 'png':
         # The signature, then the IHDR chunk: length, type, width, height (big-endian).
-        if bytes(view[:8]) != PNG_SIGNATURE or bytes(view[12:16]) != b'IHDR':
+        if (len(view) < 24 or bytes(view[:8]) != PNG_SIGNATURE
+                or bytes(view[12:16]) != b'IHDR'):
             raise ImageDecodeError(f'cannot decode {len(view)} bytes as png: they do not start '
                                    'with the png signature and IHDR chunk')
         width, height = struct.unpack('>II', view[16:24])
         return width, height
-    raise ImageDecodeError(f'image format must be one of {FORMATS}, got '
-                         f'{short_repr(image_format)}')
+    raise ImageDecodeError(
+        f'image format must be one of {FORMATS}, got {short_repr(image_format)}')
 
 
 def decode_rgb(data: ByteData, image_format: str) -> npt.NDArray[np.uint8]:
