@@ -72,7 +72,7 @@ class ServerProcess:
         target = self.target
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            wait_until(lambda: _health(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
+            wait_until(lambda: health_status(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
                        f'{target} to serve')
         return target
 
@@ -92,7 +92,7 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def _health(stub: health_pb2_grpc.HealthStub, service: str) -> str:
+def health_status(stub: health_pb2_grpc.HealthStub, service: str) -> str:
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
     except grpc.RpcError as exc:
@@ -231,7 +231,7 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
     target = servers['plain'].target
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert _health(health, '') == _health(health, SERVICE) == 'SERVING'
+        assert health_status(health, '') == health_status(health, SERVICE) == 'SERVING'
         database = ProtoReflectionDescriptorDatabase(channel)
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
