@@ -18,7 +18,7 @@ from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.core import image_decoding
 from speculative_av.core.image_decoding import (declared_size, decode_rgb, ImageDecodeError,
-                                                MAX_PIXELS)
+                                                MAX_ASPECT_RATIO, MAX_PIXELS)
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  ImageConversionError)
 
@@ -43,7 +43,7 @@ def request(data: bytes, **fields: object) -> detection_pb2.DetectRequest:
 
 
 def test_the_limit_is_8192_squared_and_both_sides_use_it() -> None:
-    assert MAX_PIXELS == LIMIT_SIDE * LIMIT_SIDE
+    assert MAX_PIXELS == LIMIT_SIDE * LIMIT_SIDE and MAX_ASPECT_RATIO == 64
     assert codec.check_size is image_decoding.check_size
     assert codec.decode_rgb is image_decoding.decode_rgb
 
@@ -54,15 +54,28 @@ def test_declared_size_comes_from_the_header(make, image_format: str) -> None:
     assert declared_size(memoryview(make(7, 5)), image_format) == (7, 5)
 
 
-@pytest.mark.parametrize('width, height, allowed', [
-    (LIMIT_SIDE, LIMIT_SIDE, True), (LIMIT_SIDE + 1, LIMIT_SIDE, False),
-    (MAX_PIXELS, 1, True), (MAX_PIXELS + 1, 1, False), (0, 5, False), (5, 0, False)])
-def test_check_size_boundaries(width: int, height: int, allowed: bool) -> None:
-    if allowed:
+@pytest.mark.parametrize('width, height, error', [
+    (LIMIT_SIDE, LIMIT_SIDE, None), (LIMIT_SIDE + 1, LIMIT_SIDE, 'claims 8193x8192 pixels'),
+    (65536, 1024, None), (65536, 1025, 'claims'), (1, 1, None),
+    (64, 1, None), (1, 65, 'is 1x65, more elongated than 64:1'), (6400, 99, 'elongated'),
+    (0, 5, r'zero size \(0x5\)'), (5, 0, 'zero size')])
+def test_check_size_boundaries(width: int, height: int, error: str | None) -> None:
+    if error is None:
         image_decoding.check_size(width, height, 'x')
     else:
-        with pytest.raises(ImageDecodeError, match='size|claims'):
+        with pytest.raises(ImageDecodeError, match=error):
             image_decoding.check_size(width, height, 'x')
+
+
+def test_an_elongated_image_is_refused_on_both_sides() -> None:
+    """A 1x8000 image makes torchvision's R-CNN transform raise; neither side decodes one."""
+    data = codec.encode_frame(np.zeros((1, 8000, 3), np.uint8), image_format='png').data
+    with pytest.raises(ImageConversionError, match='png header is 8000x1, more elongated'):
+        compressed_msg_to_rgb(compressed('png', data))
+    with pytest.raises(ValueError, match='png header is 8000x1, more elongated'):
+        codec.decode_request_image(request(data, image_format='png'))
+    with pytest.raises(ValueError, match='original_width/height is 8000x1, more elongated'):
+        codec.decode_request_image(request(b'x', original_width=8000, original_height=1))
 
 
 @pytest.mark.parametrize('make, image_format', [(jpeg_claiming, 'jpeg'), (png_claiming, 'png')])

@@ -20,6 +20,9 @@ import simplejpeg
 # 8192 x 8192: four times an 8K frame (7680x4320), far above any vehicle camera, and it caps
 # one decoded RGB image at 192 MiB (a 632-byte jpeg claiming it decodes in ~70 ms here).
 MAX_PIXELS = 8192 * 8192
+# Panoramas are about 8:1. torchvision's R-CNN transform shrinks a 1x8000 image to zero rows
+# and raises; no detector needs shapes beyond this.
+MAX_ASPECT_RATIO = 64
 FORMATS = ('jpeg', 'png')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 JPEG_SIGNATURE = b'\xff\xd8'
@@ -38,12 +41,15 @@ def short_repr(text: str, limit: int = 40) -> str:
 
 
 def check_size(width: int, height: int, what: str) -> None:
-    """Refuse a zero or negative size, or one over :data:`MAX_PIXELS`, before allocating."""
+    """Refuse a zero size, more than :data:`MAX_PIXELS` or :data:`MAX_ASPECT_RATIO`, cheaply."""
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f'{what} has zero size ({width}x{height})')
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(f'{what} claims {width}x{height} pixels, more than the '
                                f'{MAX_PIXELS} allowed')
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageDecodeError(f'{what} is {width}x{height}, more elongated than '
+                               f'{MAX_ASPECT_RATIO}:1')
 
 
 def declared_size(data: ByteData, image_format: str) -> tuple[int, int]:
