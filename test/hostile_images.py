@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import cv2
 import numpy as np
 import simplejpeg
 
@@ -23,3 +24,11 @@ def png_claiming(width: int, height: int) -> bytes:
     chunk = struct.pack('>I', len(ihdr)) + b'IHDR' + ihdr
     return (b'\x89PNG\r\n\x1a\n' + chunk
             + struct.pack('>I', zlib.crc32(b'IHDR' + ihdr)) + b'\0\0\0\0IEND\xaeB`\x82')
+
+
+def progressive_jpeg(extra_scans: int = 0, side: int = 64) -> bytes:
+    """Return a progressive jpeg (10 scans) with its last scan repeated ``extra_scans`` times."""
+    rgb = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    data = cv2.imencode('.jpg', rgb, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last_scan = data[data.rfind(b'\xff\xda'):-2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * extra_scans + data[-2:]

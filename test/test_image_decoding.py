@@ -10,7 +10,7 @@ import time
 import tracemalloc
 
 import cv2
-from hostile_images import jpeg_claiming, png_claiming
+from hostile_images import jpeg_claiming, png_claiming, progressive_jpeg
 import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
@@ -18,7 +18,7 @@ from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.core import image_decoding
 from speculative_av.core.image_decoding import (declared_size, decode_rgb, ImageDecodeError,
-                                                MAX_ASPECT_RATIO, MAX_PIXELS)
+                                                MAX_ASPECT_RATIO, MAX_JPEG_SCANS, MAX_PIXELS)
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  ImageConversionError)
 
@@ -101,6 +101,25 @@ def test_jpeg_bomb_costs_the_node_no_decoding() -> None:
     tracemalloc.stop()
     assert peak < 1 << 20
     assert elapsed_s < 0.5  # generous for a loaded CI machine; decoding took 5.6 s
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    """Each repeated progressive scan costs a full pass over the image for a few bytes."""
+    assert MAX_JPEG_SCANS == 16
+    assert decode_rgb(progressive_jpeg(), 'jpeg').shape == (64, 64, 3)
+    with pytest.raises(ImageDecodeError, match='Inconsistent progression'):
+        decode_rgb(progressive_jpeg(6), 'jpeg')  # 16 scans: decoded, then found invalid
+    data = progressive_jpeg(7)
+    with pytest.raises(ImageConversionError, match='jpeg has 17 scans, more than the 16'):
+        compressed_msg_to_rgb(compressed('jpeg', data))
+    with pytest.raises(ValueError, match='jpeg has 17 scans'):
+        codec.decode_request_image(request(data))
+
+
+def test_scan_markers_in_metadata_are_not_counted() -> None:
+    data = progressive_jpeg()
+    app15 = b'\xff\xef' + (2 + 200).to_bytes(2, 'big') + b'\xff\xda' * 100
+    assert decode_rgb(data[:2] + app15 + data[2:], 'jpeg').shape == (64, 64, 3)
 
 
 def test_a_truncated_image_within_the_limit_is_a_decode_error() -> None:

@@ -8,7 +8,7 @@ derandomized, so the suite stays fast and every run checks the same cases.
 from __future__ import annotations
 
 import cv2
-from hostile_images import jpeg_claiming, png_claiming
+from hostile_images import jpeg_claiming, png_claiming, progressive_jpeg
 from hypothesis import given, HealthCheck, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 import numpy as np
@@ -115,7 +115,7 @@ def test_every_encoding_survives_arbitrary_bytes(encoding: str) -> None:
 
 
 def compressed_data() -> st.SearchStrategy[bytes]:
-    """Return arbitrary bytes, valid images, damaged images and lying headers."""
+    """Return arbitrary bytes, valid images, damaged images, lying headers, many scans."""
     valid = st.builds(lambda rgb, fmt: bytes(rgb_to_compressed_msg(rgb, fmt=fmt).data),
                       rgb_images(12), st.sampled_from(['jpeg', 'png']))
     damaged = st.tuples(valid, st.integers(0, 2000), st.binary(min_size=1, max_size=6)).map(
@@ -123,7 +123,8 @@ def compressed_data() -> st.SearchStrategy[bytes]:
     truncated = st.tuples(valid, st.integers(0, 2000)).map(lambda v: v[0][:v[1]])
     lying = st.one_of(st.builds(jpeg_claiming, st.integers(1, 65535), st.integers(1, 65535)),
                       st.builds(png_claiming, st.integers(0, 2**32 - 1),
-                                st.integers(0, 2**32 - 1)))
+                                st.integers(0, 2**32 - 1)),
+                      st.builds(progressive_jpeg, st.integers(0, 30), st.integers(1, 16)))
     return st.one_of(st.binary(max_size=256), valid, damaged, truncated, lying)
 
 
