@@ -14,7 +14,7 @@ from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from hostile_images import jpeg_claiming, png_claiming
+from hostile_images import jpeg_claiming, png_claiming, progressive_jpeg
 from hypothesis import given, HealthCheck, settings, strategies as st
 import numpy as np
 import pytest
@@ -92,7 +92,7 @@ def _is_utf8(data: bytes) -> bool:
 
 
 def junk_requests(valid: bytes) -> st.SearchStrategy[bytes]:
-    """Random bytes, damaged valid requests, bad UTF-8 strings and lying image headers."""
+    """Random bytes, damaged valid requests, bad UTF-8 strings, lying or costly images."""
     position = st.integers(0, len(valid))
     overwritten = st.tuples(position, st.binary(min_size=1, max_size=8)).map(
         lambda p: valid[:p[0]] + p[1] + valid[p[0] + len(p[1]):])
@@ -101,6 +101,7 @@ def junk_requests(valid: bytes) -> st.SearchStrategy[bytes]:
     images = st.one_of(
         st.builds(jpeg_claiming, st.integers(1, 65535), st.integers(1, 65535)),
         st.builds(png_claiming, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+        st.builds(progressive_jpeg, st.integers(0, 30), st.integers(1, 64)),
         st.just(detection_pb2.DetectRequest.FromString(valid).image))
     fields = st.builds(
         detection_pb2.DetectRequest, image=images,

@@ -150,7 +150,8 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             self._fail(context, 'unavailable', grpc.StatusCode.UNAVAILABLE, 'model is loading')
         with self._lock:
             admitted = self._detect_calls < self.max_detect_calls
-            self._detect_calls += admitted
+            if admitted:
+                self._detect_calls += 1
         if not admitted:
             self._fail(context, 'refused', grpc.StatusCode.RESOURCE_EXHAUSTED,
                        f'{self.max_detect_calls} Detect calls in progress')
