@@ -88,7 +88,7 @@ def decode_rgb(data: ByteData, image_format: str) -> npt.NDArray[np.uint8]:
     check_size(width, height, f'{image_format} header')
     view = memoryview(data).cast('B')
     if image_format == 'jpeg':
-        scans = _jpeg_scans(bytes(view))
+        scans = _jpeg_scans(data if isinstance(data, bytes) else bytes(view))
         if scans > MAX_JPEG_SCANS:
             raise ImageDecodeError(f'jpeg has {scans} scans, more than the {MAX_JPEG_SCANS} '
                                    'allowed')
