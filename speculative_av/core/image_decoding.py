@@ -1,10 +1,12 @@
 """
-Decode jpeg and png images within one size limit, shared by the vehicle node and the server.
+Decode jpeg and png images within one set of limits, shared by the vehicle node and the server.
 
 Both sides receive images from outside: a 631-byte jpeg can claim 30000x30000 pixels, and
 decoding it first and checking afterwards costs seconds and gigabytes. So the size an image
-declares in its header (jpeg SOF, png IHDR) is checked against :data:`MAX_PIXELS` before any
-pixel is decoded, and every decoder failure comes out as :class:`ImageDecodeError`.
+declares in its header (jpeg SOF, png IHDR) is checked against :data:`MAX_PIXELS` and
+:data:`MAX_ASPECT_RATIO`, and a jpeg's scans against :data:`MAX_JPEG_SCANS`, before any pixel
+is decoded; raw image sizes go through the same :func:`check_size`. Every decoder failure
+comes out as :class:`ImageDecodeError`.
 """
 from __future__ import annotations
 
