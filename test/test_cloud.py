@@ -76,7 +76,7 @@ class ServerProcess:
         target = self.target
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            wait_until(lambda: _health(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
+            wait_until(lambda: health_status(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
                        f'{target} to serve')
         return target
 
@@ -96,7 +96,7 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def _health(stub: health_pb2_grpc.HealthStub, service: str) -> str:
+def health_status(stub: health_pb2_grpc.HealthStub, service: str) -> str:
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
     except grpc.RpcError as exc:
@@ -189,16 +189,16 @@ def test_encode_decode_and_response_round_trip(image: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize('image_format, data, message', [
-    ('jpeg', b'not a jpeg at all', 'could not decode'),
-    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'could not decode'),
-    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start like a png'),
-    ('gif', b'GIF89a', 'image_format must be one of'),
+    ('jpeg', b'not a jpeg at all', 'cannot decode 17 bytes as jpeg'),
+    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'cannot decode 38 bytes as png'),
+    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start with the png signature'),
+    ('gif', b'GIF89a', 'image format must be one of'),
     ('jpeg', b'', 'no image bytes'),
 ])
 def test_decode_rejects_bad_images(image_format: str, data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        codec.decode_request_image(detection_pb2.DetectRequest(image=data,
-                                                               image_format=image_format))
+        codec.decode_request_image(detection_pb2.DetectRequest(
+            image=data, image_format=image_format, original_width=64, original_height=48))
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
@@ -235,7 +235,7 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
     target = servers['plain'].target
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert _health(health, '') == _health(health, SERVICE) == 'SERVING'
+        assert health_status(health, '') == health_status(health, SERVICE) == 'SERVING'
         database = ProtoReflectionDescriptorDatabase(channel)
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
