@@ -30,12 +30,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def cloud_server(port: int, extra_latency_ms: float = 0) -> Iterator[subprocess.Popen[str]]:
-    """Run the cloud server on ``port`` until the block ends; wait until it listens."""
+def cloud_server(port: int, extra_latency_ms: float = 0,
+                 security: tuple[str, ...] = ('--insecure',)) -> Iterator[subprocess.Popen[str]]:
+    """
+    Run the cloud server on ``port`` until the block ends; wait until it listens.
+
+    ``security`` are its security options: plaintext on loopback unless a test passes TLS ones.
+    """
     command = python_module(
         'speculative_av.cloud.server', '--host', '127.0.0.1', '--port', str(port),
         '--model', MODEL, '--weights', 'random', '--threads', '1',
-        '--extra-latency-ms', str(extra_latency_ms))
+        '--extra-latency-ms', str(extra_latency_ms), *security)
     with running(command, stdout=subprocess.PIPE) as server:
         assert server.stdout is not None
         line = server.stdout.readline()
@@ -44,9 +49,10 @@ def cloud_server(port: int, extra_latency_ms: float = 0) -> Iterator[subprocess.
 
 
 def detector_command(**parameters: object) -> list[str]:
-    """Return the node's command line with test defaults (random local weights, 1 thread)."""
+    """Return the node's command line with test defaults (random weights, 1 thread, plaintext)."""
     defaults: dict[str, object] = {'local.model': MODEL, 'local.weights': 'random',
-                                   'local.threads': 1, 'local.score_threshold': 0.05}
+                                   'local.threads': 1, 'local.score_threshold': 0.05,
+                                   'cloud.insecure': True}
     return python_module('speculative_av.ros.detector_node',
                          *ros_args(**{**defaults, **parameters}))
 

@@ -33,6 +33,7 @@ from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
 from speculative_av.cloud import generate_protos
 from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 
@@ -40,18 +41,21 @@ MODEL = 'ssdlite320_mobilenet_v3_large'
 SERVICE = 'speculative_av.v1.CloudDetector'
 EXTRA_LATENCY_MS = 400.0
 STARTUP_TIMEOUT_S = 60.0
+PLAINTEXT = ChannelSecurity.insecure()  # these servers listen on loopback only
 
 
 class ServerProcess:
     """A cloud server in its own OS process, logging to a file."""
 
-    def __init__(self, log_path: Path, *args: str, port: int = 0) -> None:
+    def __init__(self, log_path: Path, *args: str, port: int = 0,
+                 security: tuple[str, ...] = ('--insecure',)) -> None:
+        """Start it; ``security`` are its security options (default: plaintext on loopback)."""
         self.log_path = log_path
         with log_path.open('w') as log:
             self.process = subprocess.Popen(
                 [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
                  '--port', str(port), '--model', MODEL, '--weights', 'random',
-                 '--score-threshold', '0.0', *args],
+                 '--score-threshold', '0.0', *security, *args],
                 stdout=subprocess.PIPE, stderr=log, text=True)
         self._target = ''
 
@@ -72,7 +76,7 @@ class ServerProcess:
         target = self.target
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            wait_until(lambda: _health(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
+            wait_until(lambda: health_status(stub, SERVICE) == 'SERVING', STARTUP_TIMEOUT_S,
                        f'{target} to serve')
         return target
 
@@ -92,7 +96,7 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def _health(stub: health_pb2_grpc.HealthStub, service: str) -> str:
+def health_status(stub: health_pb2_grpc.HealthStub, service: str) -> str:
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
     except grpc.RpcError as exc:
@@ -185,16 +189,16 @@ def test_encode_decode_and_response_round_trip(image: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize('image_format, data, message', [
-    ('jpeg', b'not a jpeg at all', 'could not decode'),
-    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'could not decode'),
-    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start like a png'),
-    ('gif', b'GIF89a', 'image_format must be one of'),
+    ('jpeg', b'not a jpeg at all', 'cannot decode 17 bytes as jpeg'),
+    ('png', b'\x89PNG\r\n\x1a\n' + b'\0' * 30, 'cannot decode 38 bytes as png'),
+    ('png', b'\xff\xd8 a jpeg sent as png', 'do not start with the png signature'),
+    ('gif', b'GIF89a', 'image format must be one of'),
     ('jpeg', b'', 'no image bytes'),
 ])
 def test_decode_rejects_bad_images(image_format: str, data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        codec.decode_request_image(detection_pb2.DetectRequest(image=data,
-                                                               image_format=image_format))
+        codec.decode_request_image(detection_pb2.DetectRequest(
+            image=data, image_format=image_format, original_width=64, original_height=48))
 
 
 def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
@@ -231,12 +235,12 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
     target = servers['plain'].target
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert _health(health, '') == _health(health, SERVICE) == 'SERVING'
+        assert health_status(health, '') == health_status(health, SERVICE) == 'SERVING'
         database = ProtoReflectionDescriptorDatabase(channel)
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
         assert {m.name for m in service.methods} == {'Detect', 'GetModelInfo'}
-    with CloudEndpoint('plain', target) as endpoint:
+    with CloudEndpoint('plain', target, security=PLAINTEXT) as endpoint:
         info = endpoint.model_info(timeout_s=5.0)
     assert info is not None
     assert (info.model_name, info.model_version, info.device) == (MODEL, 'random', 'cpu')
@@ -292,7 +296,7 @@ def test_submit_replies_cancel_and_timeout(servers: dict[str, ServerProcess],
                                            local_detector: TorchvisionDetector,
                                            image: np.ndarray) -> None:
     frame = codec.encode_frame(image)
-    with CloudEndpoint('slow', servers['slow'].target) as endpoint:
+    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT) as endpoint:
         wait_until(lambda: endpoint.healthy, 10.0, 'the slow endpoint to be healthy')
         cancelled, timed_out, answered = Replies(), Replies(), Replies()
         future = endpoint.submit(frame, 'f1', 1, 30.0, 0, cancelled)
@@ -319,8 +323,8 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     port = _free_port()
     target = f'127.0.0.1:{port}'
     changes: list[tuple[str, str]] = []
-    with CloudEndpoint('late', target, backoff_initial_s=0.05, backoff_max_s=0.4,
-                       on_health_change=lambda name, old, new, error: changes.append(
+    with CloudEndpoint('late', target, security=PLAINTEXT, backoff_initial_s=0.05,
+                       backoff_max_s=0.4, on_health_change=lambda name, old, new, error: changes.append(
                            (old, new))) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy

@@ -276,8 +276,8 @@ def test_decodes_grayscale_to_three_channels(ext: str) -> None:
 
 
 @pytest.mark.parametrize('fmt, data, match', [
-    ('jpeg', b'\xff\xd8 not really a jpeg', r'cannot decode jpeg image \(20 bytes\)'),
-    ('png', b'\x89PNG not really a png', r'cannot decode png image \(21 bytes\)'),
+    ('jpeg', b'\xff\xd8 not really a jpeg', r'cannot decode 20 bytes as jpeg'),
+    ('png', b'\x89PNG not really a png', r'cannot decode 21 bytes as png'),
     ('tiff', b'II*\x00', r"unsupported compressed image format 'tiff'"),
     ('16UC1; compressedDepth png', b'\x89PNG', r'compressed depth images are not supported'),
 ])

@@ -13,13 +13,13 @@ GENERATED = ['*_pb2.py', '*_pb2_grpc.py', '*_pb2.pyi']
 
 @pytest.mark.linter
 def test_flake8():
-    rc, errors = flake8_main(argv=['--exclude', *GENERATED, *SOURCES])
+    rc, errors = flake8_main(argv=[*SOURCES, '--exclude', *GENERATED])
     assert rc == 0, f'{len(errors)} flake8 errors:\n' + '\n'.join(errors)
 
 
 @pytest.mark.linter
 def test_pep257():
-    assert pep257_main(argv=['--exclude', *GENERATED, *SOURCES]) == 0, 'pep257 errors (above)'
+    assert pep257_main(argv=[*SOURCES, '--exclude', *GENERATED]) == 0, 'pep257 errors (above)'
 
 
 @pytest.mark.linter

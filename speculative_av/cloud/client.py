@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
 
 _LOG = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ HealthListener = Callable[[str, str, str, str], None]  # endpoint, old state, ne
 class CloudEndpoint:
     """One gRPC cloud detector the vehicle can send frames to."""
 
-    def __init__(self, name: str, target: str, *, max_message_mb: int = 16,
-                 backoff_initial_s: float = 0.25, backoff_max_s: float = 5.0,
-                 reconnect_max_s: float = 0.8, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, name: str, target: str, *, security: ChannelSecurity,
+                 max_message_mb: int = 16, backoff_initial_s: float = 0.25,
+                 backoff_max_s: float = 5.0, reconnect_max_s: float = 0.8,
+                 clock: Callable[[], float] = time.monotonic,
                  on_health_change: HealthListener | None = None) -> None:
         """
         Connect to ``target`` ('host:port') and start tracking its health.
@@ -77,7 +79,9 @@ class CloudEndpoint:
         failure up to ``backoff_max_s``, unless the channel connects first. The channel itself
         retries a lost connection at least every ``reconnect_max_s`` (plus gRPC's 20 % jitter),
         which bounds how long a server that is back goes unnoticed. ``on_health_change`` is
-        called on every state change, on the endpoint's thread.
+        called on every state change, on the endpoint's thread. ``security`` has no default:
+        plaintext (:meth:`ChannelSecurity.insecure`) must be a choice. The health stream uses
+        the same channel, TLS and token as Detect.
         """
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError('need 0 < backoff_initial_s <= backoff_max_s, got '
@@ -89,7 +93,7 @@ class CloudEndpoint:
         self._clock = clock
         self._on_health_change = on_health_change
         max_bytes = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = security.channel(target, options=[
             ('grpc.max_send_message_length', max_bytes),
             ('grpc.max_receive_message_length', max_bytes),
             ('grpc.keepalive_time_ms', 10_000),

@@ -7,7 +7,6 @@ and the server answers with boxes in that size's pixel coordinates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import struct
 import time
 
 import cv2
@@ -16,11 +15,10 @@ import numpy.typing as npt
 import simplejpeg
 from speculative_av.cloud import detection_pb2
 from speculative_av.core.detections import Detections
+from speculative_av.core.image_decoding import check_size, decode_rgb, FORMATS
 
-IMAGE_FORMATS = ('jpeg', 'png')
-# Refuse to decode images claiming more pixels than this (a tiny JPEG can claim 65535^2).
-MAX_DECODED_PIXELS = 64_000_000
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# Frame ids are echoed in error details, which travel in a size-limited gRPC trailer.
+MAX_FRAME_ID_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,8 @@ def encode_frame(rgb: npt.NDArray[np.uint8], *, jpeg_quality: int = 80, max_imag
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f'expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}')
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f'image_format must be one of {IMAGE_FORMATS}, got {image_format!r}')
+    if image_format not in FORMATS:
+        raise ValueError(f'image_format must be one of {FORMATS}, got {image_format!r}')
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f'jpeg_quality must be in 1..100, got {jpeg_quality}')
     start = time.perf_counter()
@@ -87,43 +85,29 @@ def build_request(frame: EncodedFrame, frame_id: str, stamp_ns: int,
 
 
 def decode_request_image(request: detection_pb2.DetectRequest) -> npt.NDArray[np.uint8]:
-    """Decode the request's image to (H, W, 3) uint8 RGB; raise ValueError if it is not one."""
-    data = request.image
-    image_format = request.image_format
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f'image_format must be one of {IMAGE_FORMATS}, got {image_format!r}')
-    if not data:
+    """
+    Check every field of the request, then decode its image to (H, W, 3) uint8 RGB.
+
+    Raise ValueError, with a message of bounded length, for anything a well-behaved client
+    never sends: an unknown format, no image, a zero or oversized image or camera size,
+    negative times, an overlong frame id.
+    """
+    if not request.image:
         raise ValueError('the request carries no image bytes')
-    if image_format == 'jpeg':
-        try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            _check_pixels(width, height, image_format)
-            rgb: npt.NDArray[np.uint8] = simplejpeg.decode_jpeg(data, colorspace='RGB')
-        except ValueError as exc:
-            raise ValueError(f'could not decode {len(data)} bytes as jpeg: {exc}') from None
-        return rgb
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 24:
-        raise ValueError(f'{len(data)} bytes do not start like a png')
-    width, height = struct.unpack('>II', data[16:24])  # the IHDR chunk
-    _check_pixels(width, height, image_format)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f'could not decode {len(data)} bytes as png')
-    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
-
-
-def _check_pixels(width: int, height: int, image_format: str) -> None:
-    """Refuse images whose header claims too many pixels to decode safely."""
-    if width * height > MAX_DECODED_PIXELS:
-        raise ValueError(f'{image_format} header claims {width}x{height} pixels, more than the '
-                         f'{MAX_DECODED_PIXELS} allowed')
+    check_size(request.original_width, request.original_height, 'original_width/height')
+    if request.stamp_ns < 0 or request.deadline_unix_ns < 0:
+        raise ValueError(f'stamp_ns ({request.stamp_ns}) and deadline_unix_ns '
+                         f'({request.deadline_unix_ns}) must not be negative')
+    if len(request.frame_id) > MAX_FRAME_ID_CHARS:
+        raise ValueError(f'frame_id has {len(request.frame_id)} characters, more than '
+                         f'{MAX_FRAME_ID_CHARS}')
+    return decode_rgb(request.image, request.image_format)
 
 
 def to_original_coordinates(detections: Detections, request: detection_pb2.DetectRequest,
                             decoded_width: int, decoded_height: int) -> Detections:
-    """Map boxes found in the decoded image to the camera image size the request names."""
-    width = request.original_width or decoded_width
-    height = request.original_height or decoded_height
+    """Map boxes found in the decoded image to the camera size of a checked request."""
+    width, height = request.original_width, request.original_height
     if (width, height) == (decoded_width, decoded_height):
         return detections
     return detections.scaled(width / decoded_width, height / decoded_height)

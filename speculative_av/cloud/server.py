@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import NoReturn, Protocol, TextIO
+from typing import Callable, NoReturn, Protocol, TextIO, TypeVar
 
+from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
 import grpc
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
@@ -25,13 +26,16 @@ from grpc_reflection.v1alpha import reflection
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
 from speculative_av.detectors.torchvision_detector import detection_models, TorchvisionDetector
 
 _LOG = logging.getLogger('cloud_server')
+_Request = TypeVar('_Request', bound=Message)
 
 SERVICE_NAME = detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].full_name
 DEFAULT_MODEL = 'fasterrcnn_mobilenet_v3_large_fpn'
 SHUTDOWN_GRACE_S = 2.0
+SPARE_WORKERS = 4
 
 
 class _Context(Protocol):
@@ -47,19 +51,79 @@ class _Context(Protocol):
         """Return whether the client still waits for the reply."""
 
 
-class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
-    """Answer Detect with one detector, at most ``concurrency`` inferences at a time."""
+class MalformedRequest:
+    """What the request deserializer returns for bytes that are not a valid request message."""
 
-    def __init__(self, concurrency: int = 1, extra_latency_ms: float = 0.0) -> None:
-        """Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`."""
+    def __init__(self, reason: str) -> None:
+        """Keep protobuf's ``reason`` for the reply's details."""
+        self.reason = reason
+
+
+def _lenient_parser(
+        message: type[_Request]) -> Callable[[bytes], _Request | MalformedRequest]:
+    """
+    Return a request deserializer that never raises.
+
+    gRPC answers a raising deserializer with INTERNAL and logs a traceback per request; a
+    malformed request is the client's error, so the handler answers INVALID_ARGUMENT instead.
+    """
+    def parse(data: bytes) -> _Request | MalformedRequest:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+    return parse
+
+
+class _Throttle:
+    """Allow one event per ``interval_s``; count the ones suppressed in between."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next_s = 0.0
+        self._suppressed = 0
+
+    def admit(self) -> int | None:
+        """Return how many were suppressed since the last admitted event, or None to suppress."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_s:
+                self._suppressed += 1
+                return None
+            self._next_s = now + self._interval_s
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed
+
+
+class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
+    """
+    Answer Detect with one detector, at most ``concurrency`` inferences at a time.
+
+    At most ``max_detect_calls`` Detect calls are in the server at once (decoding, waiting
+    for an inference slot or inferring); beyond that Detect answers RESOURCE_EXHAUSTED at
+    once, so a burst never takes the worker threads that health checks need.
+    """
+
+    def __init__(self, concurrency: int = 1, extra_latency_ms: float = 0.0,
+                 max_detect_calls: int | None = None) -> None:
+        """
+        Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`.
+
+        ``max_detect_calls`` defaults to 4 per inference slot plus 4.
+        """
         self._detector: TorchvisionDetector | None = None
         self._slots = threading.Semaphore(concurrency)
         self._extra_latency_s = extra_latency_ms / 1e3
+        self.max_detect_calls = (4 * concurrency + 4 if max_detect_calls is None
+                                 else max_detect_calls)
         self._lock = threading.Lock()
+        self._detect_calls = 0
         self._counts = dict.fromkeys(
-            ('requests', 'ok', 'expired', 'cancelled', 'invalid', 'unavailable'), 0)
+            ('requests', 'ok', 'expired', 'cancelled', 'invalid', 'unavailable', 'refused'), 0)
         self._inferences = 0
         self._inference_ms_total = 0.0
+        self._invalid_log = _Throttle()
 
     def set_detector(self, detector: TorchvisionDetector) -> None:
         """Start answering with ``detector``."""
@@ -73,20 +137,41 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         return ' '.join(f'{key}={value}' for key, value in counts.items()) + (
             f' mean_inference_ms={mean_ms:.1f}')
 
-    def Detect(self, request: detection_pb2.DetectRequest,  # noqa: N802 (gRPC's name)
-               context: _Context) -> detection_pb2.DetectResponse:
-        """Decode the image, wait for a free slot, detect unless the deadline passed."""
+    def Detect(  # noqa: N802 (gRPC's name)
+            self, request: detection_pb2.DetectRequest | MalformedRequest,
+            context: _Context) -> detection_pb2.DetectResponse:
+        """Check the request, wait for a free slot, detect unless the deadline passed."""
         receive_unix_ns = time.time_ns()
-        start = time.perf_counter()
         self._count('requests')
+        if isinstance(request, MalformedRequest):
+            self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
+                       f'malformed DetectRequest: {request.reason}')
         detector = self._detector
         if detector is None:
             self._fail(context, 'unavailable', grpc.StatusCode.UNAVAILABLE, 'model is loading')
+        with self._lock:
+            admitted = self._detect_calls < self.max_detect_calls
+            if admitted:
+                self._detect_calls += 1
+        if not admitted:
+            self._fail(context, 'refused', grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f'{self.max_detect_calls} Detect calls in progress')
+        try:
+            return self._detect(detector, request, context, receive_unix_ns)
+        finally:
+            with self._lock:
+                self._detect_calls -= 1
+
+    def _detect(self, detector: TorchvisionDetector, request: detection_pb2.DetectRequest,
+                context: _Context, receive_unix_ns: int) -> detection_pb2.DetectResponse:
+        """Serve one admitted Detect call."""
+        start = time.perf_counter()
         try:
             rgb = codec.decode_request_image(request)
         except ValueError as exc:
+            frame_id = request.frame_id[:codec.MAX_FRAME_ID_CHARS]
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
-                       f'frame {request.frame_id!r}: {exc}')
+                       f'frame {frame_id!r}: {exc}')
         decoded = time.perf_counter()
         with self._slots:
             queued = time.perf_counter()
@@ -113,9 +198,13 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         self._count('ok')
         return response
 
-    def GetModelInfo(self, request: detection_pb2.ModelInfoRequest,  # noqa: N802
-                     context: _Context) -> detection_pb2.ModelInfo:
+    def GetModelInfo(  # noqa: N802 (gRPC's name)
+            self, request: detection_pb2.ModelInfoRequest | MalformedRequest,
+            context: _Context) -> detection_pb2.ModelInfo:
         """Describe the loaded model."""
+        if isinstance(request, MalformedRequest):
+            self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
+                       f'malformed ModelInfoRequest: {request.reason}')
         detector = self._detector
         if detector is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, 'model is loading')
@@ -132,19 +221,54 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
               details: str) -> NoReturn:
         """Count and log a failed request, then end it with ``code`` (raises)."""
         self._count(key)
-        _LOG.log(logging.WARNING if key == 'invalid' else logging.DEBUG, '%s: %s',
-                 code.name, details)
+        if key != 'invalid':
+            _LOG.debug('%s: %s', code.name, details)
+        else:
+            suppressed = self._invalid_log.admit()
+            if suppressed is not None:
+                _LOG.warning('%s: %s%s', code.name, details,
+                             f' ({suppressed} more invalid requests not logged)'
+                             if suppressed else '')
         context.abort(code, details)
+
+
+def add_to_server(service: DetectionService, server: grpc.Server) -> None:
+    """
+    Register ``service`` like the generated code does, with deserializers that never raise.
+
+    Malformed request bytes then reach the handler, which answers INVALID_ARGUMENT.
+    """
+    handlers = {
+        'Detect': grpc.unary_unary_rpc_method_handler(
+            service.Detect,
+            request_deserializer=_lenient_parser(detection_pb2.DetectRequest),
+            response_serializer=detection_pb2.DetectResponse.SerializeToString),
+        'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo,
+            request_deserializer=_lenient_parser(detection_pb2.ModelInfoRequest),
+            response_serializer=detection_pb2.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> int:
     """
     Listen, load the model, serve until ``stop`` is set; return the exit code.
 
-    The listening line goes to ``announce``, the only thing ever written there.
+    The listening line goes to ``announce``, the only thing ever written there. Without TLS
+    and without ``--insecure`` it refuses to start (exit code 2).
     """
+    try:
+        security = ServerSecurity.from_args(args)
+    except SecurityError as exc:
+        _LOG.error('%s', exc)
+        return 2
     service = DetectionService(args.concurrency, args.extra_latency_ms)
-    workers = 4 * args.concurrency + 4
+    # Detect calls hold at most max_detect_calls workers; the spare ones serve health checks
+    # and GetModelInfo. No maximum_concurrent_rpcs: it would refuse health checks under load.
+    workers = service.max_detect_calls + SPARE_WORKERS
     max_bytes = args.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix='rpc'),
@@ -152,8 +276,8 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
                  ('grpc.max_send_message_length', max_bytes),
                  ('grpc.keepalive_permit_without_calls', 1),
                  ('grpc.http2.min_ping_interval_without_data_ms', 5000)],
-        maximum_concurrent_rpcs=workers)
-    detection_pb2_grpc.add_CloudDetectorServicer_to_server(service, server)
+        interceptors=security.interceptors)
+    add_to_server(service, server)
     health_service = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     for name in ('', SERVICE_NAME):
@@ -163,7 +287,9 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     address = f'[{args.host}]' if ':' in args.host and not args.host.startswith('[') else (
         args.host)
     try:
-        port = server.add_insecure_port(f'{address}:{args.port}')
+        port = (server.add_insecure_port(f'{address}:{args.port}')
+                if security.credentials is None
+                else server.add_secure_port(f'{address}:{args.port}', security.credentials))
     except RuntimeError as exc:
         _LOG.error('could not listen on %s:%d: %s', address, args.port, exc)
         return 1
@@ -179,9 +305,9 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     service.set_detector(detector)
     for name in ('', SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms',
+    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms; %s',
               detector.model_name, detector.model_version, detector.device, args.concurrency,
-              args.extra_latency_ms)
+              args.extra_latency_ms, security.description)
     stop.wait()
     health_service.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE_S).wait()
@@ -207,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
     parser.add_argument('--log-level', default='INFO',
                         choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
+    add_server_arguments(parser)
     args = parser.parse_args(argv)
     if args.model not in detection_models():
         parser.error(f'--model {args.model!r} is not one of {", ".join(detection_models())}')

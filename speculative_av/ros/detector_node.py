@@ -46,6 +46,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 from speculative_av.cloud.client import CloudEndpoint, CloudReply, SERVING
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
+from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
@@ -165,6 +166,23 @@ class SpeculativeDetector(LifecycleNode):
                 'Downscale frames so their longer side is at most this before sending '
                 '(0 = full size); replies are mapped back to full-size pixels.',
                 value_range=(0, 65_535))
+        declare(self, 'cloud.insecure', False,
+                'Plaintext gRPC without TLS or token (logs a warning): only for a server on this '
+                'machine or a trusted network. Otherwise the link uses TLS.', read_only=True)
+        declare(self, 'cloud.tls.ca_file', '',
+                "PEM CA bundle the server certificate must chain to ('' = system roots).",
+                read_only=True)
+        declare(self, 'cloud.tls.cert_file', '',
+                "PEM client certificate for mutual TLS ('' = none; needs cloud.tls.key_file).",
+                read_only=True)
+        declare(self, 'cloud.tls.key_file', '',
+                "PEM private key of cloud.tls.cert_file ('' = none).", read_only=True)
+        declare(self, 'cloud.tls.server_name', '',
+                "Name expected in the server certificate when it differs from the endpoint's "
+                "host, e.g. when connecting by IP ('' = the host).", read_only=True)
+        declare(self, 'cloud.token_file', '',
+                "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
+                "metadata over TLS ('' = no token).", read_only=True)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._lock = threading.RLock()
         self._arbiter = Arbiter()
@@ -202,6 +220,13 @@ class SpeculativeDetector(LifecycleNode):
                 if self.get_parameter('cloud.enabled').value else [])
             _check_cameras(self.get_parameter('cameras').value,
                            self.get_parameter('image_transport').value)
+            insecure = self.get_parameter('cloud.insecure').value
+            security = ChannelSecurity.from_settings(
+                insecure=insecure, ca_file=self.get_parameter('cloud.tls.ca_file').value,
+                cert_file=self.get_parameter('cloud.tls.cert_file').value,
+                key_file=self.get_parameter('cloud.tls.key_file').value,
+                token_file=self.get_parameter('cloud.token_file').value,
+                server_name=self.get_parameter('cloud.tls.server_name').value)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -214,8 +239,13 @@ class SpeculativeDetector(LifecycleNode):
             self._jump_handle = self.get_clock().create_jump_callback(
                 JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-max(
                     1, tolerance_ns)), on_clock_change=True), post_callback=self._on_time_jump)
+        if insecure and specs:
+            self.get_logger().warning(
+                'cloud.insecure is true: frames go to the cloud in PLAINTEXT, without TLS or '
+                'token; use this only for a server on this machine or a trusted network')
         self._health_changes = {s.name: 0 for s in specs}
-        self._endpoints = [CloudEndpoint(s.name, s.target, on_health_change=self._on_health_change)
+        self._endpoints = [CloudEndpoint(s.name, s.target, security=security,
+                                         on_health_change=self._on_health_change)
                            for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
         self._label_maps = {e.name: self._cloud_label_map(e) for e in self._endpoints}
@@ -502,7 +532,7 @@ class SpeculativeDetector(LifecycleNode):
             self._cloud_outcome(key, reply)
         except Exception as error:  # noqa: B902 (the frame must still resolve)
             self._frame_error(f'handling the reply of {reply.endpoint}', error)
-            self._apply(lambda now: self._arbiter.fail(key, reply.endpoint, now, repr(error)))
+            self._apply(partial(self._fail_now, key, reply.endpoint, repr(error)))
 
     def _cloud_outcome(self, key: FrameKey, reply: CloudReply) -> None:
         inflight = self._inflight.get(key)

@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from sensor_msgs.msg import CompressedImage, Image
 import simplejpeg
+from speculative_av.core.image_decoding import (check_size, decode_rgb, ImageDecodeError,
+                                                JPEG_SIGNATURE, PNG_SIGNATURE, short_repr)
 from std_msgs.msg import Header
 
 RgbArray = npt.NDArray[np.uint8]
@@ -57,11 +59,17 @@ _ENCODE_CHANNELS = {'rgb8': 3, 'bgr8': 3, 'mono8': 1}
 
 
 def _pixel_bytes(msg: Image, bytes_per_pixel: int) -> RgbArray:
-    """View the message data as (H, W, bytes_per_pixel) uint8, skipping row padding, no copy."""
+    """
+    View the message data as (H, W, bytes_per_pixel) uint8, skipping row padding, no copy.
+
+    Sizes are checked in Python integers before numpy sees them, so a message claiming a huge
+    size with little data is refused without allocating anything.
+    """
     height, width, step = msg.height, msg.width, msg.step
-    if width <= 0 or height <= 0:
-        raise ImageConversionError(
-            f'{msg.encoding} image has zero size ({width}x{height}); nothing to convert')
+    try:
+        check_size(width, height, f'{msg.encoding} image')
+    except ImageDecodeError as error:
+        raise ImageConversionError(str(error)) from None
     row_bytes = width * bytes_per_pixel
     if step < row_bytes:
         raise ImageConversionError(
@@ -96,7 +104,7 @@ def image_msg_to_rgb(msg: Image) -> RgbArray:
     encoding = msg.encoding
     if encoding not in SUPPORTED_ENCODINGS:
         raise ImageConversionError(
-            f'unsupported image encoding {encoding!r}; supported: '
+            f'unsupported image encoding {short_repr(encoding)}; supported: '
             f'{", ".join(sorted(SUPPORTED_ENCODINGS))}')
     if encoding in _EIGHT_BIT_OF_16BIT:
         channels, code = _DECODE_8BIT[_EIGHT_BIT_OF_16BIT[encoding]]
@@ -117,33 +125,28 @@ def _compressed_codec(msg: CompressedImage) -> str:
     """Name the codec ('jpeg' or 'png') from the format string, else from the magic bytes."""
     fmt = msg.format.lower()
     if 'compresseddepth' in fmt:
-        raise ImageConversionError(f'compressed depth images are not supported ({msg.format!r})')
+        raise ImageConversionError(
+            f'compressed depth images are not supported ({short_repr(msg.format)})')
     if 'png' in fmt:
         return 'png'
     if 'jpeg' in fmt or 'jpg' in fmt:
         return 'jpeg'
-    head = bytes(msg.data[:4])
-    if head.startswith(b'\xff\xd8'):
+    head = bytes(msg.data[:8])
+    if head.startswith(JPEG_SIGNATURE):
         return 'jpeg'
-    if head == b'\x89PNG':
+    if head == PNG_SIGNATURE:
         return 'png'
     raise ImageConversionError(
-        f'unsupported compressed image format {msg.format!r}: data is neither jpeg nor png')
+        f'unsupported compressed image format {short_repr(msg.format)}: data is neither jpeg '
+        'nor png')
 
 
 def compressed_msg_to_rgb(msg: CompressedImage) -> RgbArray:
-    """Decode a jpeg (with simplejpeg, the fast path) or png message into (H, W, 3) uint8 RGB."""
-    codec = _compressed_codec(msg)
-    if codec == 'jpeg':
-        try:
-            return np.asarray(simplejpeg.decode_jpeg(msg.data, colorspace='RGB'), np.uint8)
-        except ValueError as error:
-            raise ImageConversionError(
-                f'cannot decode jpeg image ({len(msg.data)} bytes): {error}') from error
-    bgr = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ImageConversionError(f'cannot decode png image ({len(msg.data)} bytes)')
-    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    """Decode a jpeg or png message into (H, W, 3) uint8 RGB, refusing oversized headers."""
+    try:
+        return decode_rgb(msg.data, _compressed_codec(msg))
+    except ImageDecodeError as error:
+        raise ImageConversionError(str(error)) from None
 
 
 def _check_rgb(rgb: RgbArray) -> None:

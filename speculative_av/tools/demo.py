@@ -141,7 +141,8 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
     try:
         _, line = procs.start('cloud_server', python + [
             'speculative_av.cloud.server', '--host', '127.0.0.1', '--port', '0', '--model',
-            args.cloud_model, '--weights', str(args.cloud_weights), '--threads', '2'],
+            args.cloud_model, '--weights', str(args.cloud_weights), '--threads', '2',
+            '--insecure'],  # loopback only
             announce='listening on')
         server = line.rsplit(' ', 1)[-1]
         _, line = procs.start('network_relay', python + [
@@ -152,7 +153,7 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
             'speculative_av.ros.detector_node', '--ros-args', '-p', 'use_sim_time:=true',
             '-p', f'deadline_ms:={args.deadline_ms}', '-p', f'local.model:={args.local_model}',
             '-p', f'local.weights:={args.local_weights}', '-p', 'local.threads:=1',
-            '-p', f'cloud.endpoints:=["{relay}"]'])
+            '-p', f'cloud.endpoints:=["{relay}"]', '-p', 'cloud.insecure:=true'])
         with background_node('demo_watcher') as node:
             watcher = Watcher(node)
             print(f'demo: cloud server {server} behind a {args.profile} relay {relay}; '
