@@ -357,6 +357,29 @@ def summary_counters(observed: StampObserver) -> dict[str, str]:
     return observed.diagnostics[-1]['speculation']
 
 
+def lost_frames_report(observed: StampObserver, counters: dict[str, str]) -> str:
+    """Describe what went missing, for the failure output: counters, gaps, unmatched frames."""
+    fused = {stamp for stamp, _ in observed.fused}
+    decided = by_decision(observed)
+    first = min((received for _, received in observed.images), default=0)
+
+    def at(received: int) -> str:
+        return f'{(received - first) / 1e9:.1f} s'
+
+    no_fused = [f'{stamp} (decided at {at(received)}): {decision}'
+                for (decision, received), stamp in zip(observed.decisions, decided)
+                if stamp not in fused]
+    no_decision = [f'{stamp} (fused at {at(received)})' for stamp, received in observed.fused
+                   if stamp not in decided]
+    # Frames the camera sent that the node processed but never decided leave no stamp at the
+    # node's outputs; the longest silences of the decisions show when they went missing.
+    times = sorted(received for _, received in observed.decisions)
+    gaps = sorted(((b - a, a) for a, b in zip(times, times[1:])), reverse=True)[:3]
+    return (f'counters: {counters}\ndecided, never fused: {no_fused[:5]}\n'
+            f'fused, never decided: {no_decision[:5]}\nlongest pauses between decisions: '
+            + ', '.join(f'{gap / 1e6:.0f} ms after {at(start)}' for gap, start in gaps))
+
+
 def wait_until_quiet(observed: StampObserver, timeout: float = 30.0) -> dict[str, str]:
     """
     Wait until every processed frame is decided and fused, with the camera stopped.
@@ -377,6 +400,8 @@ def wait_until_quiet(observed: StampObserver, timeout: float = 30.0) -> dict[str
         counters = summary_counters(observed) if observed.diagnostics else {}
         print(f"\nframes_processed={counters.get('frames_processed')} "
               f'decisions={len(observed.decisions)} fused={len(observed.fused)}')
+        if not settled():
+            print(lost_frames_report(observed, counters))
     return summary_counters(observed)
 
 

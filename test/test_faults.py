@@ -62,6 +62,11 @@ class Rig:
         self.footprints[label] = settled_footprint(self.node.pid)
         return self.footprints[label]
 
+    def event(self, what: str) -> None:
+        """Note a moment of the test in its output (wall clock, as the node's log lines)."""
+        self.notes.setdefault('events', []).append((what, time.time()))
+        print(f'[{time.time():.3f}] test: {what} (after {self.decided()} decisions)')
+
     def decided(self) -> int:
         """Return how many frames have been decided so far."""
         return len(self.observed.decisions)
@@ -179,6 +184,7 @@ def test_network_fault_mid_request(mode, tmp_path, request, no_leaked_shm):
         before = setup.footprint('before')
         fault_at = setup.decided()
         control.send(mode)
+        setup.event(f'relay {mode}')
         setup.wait_frames_for(FAULT_S)
         if mode != 'half-open':
             control.send('pass')
@@ -201,7 +207,7 @@ def test_kernel_blackhole_between_node_and_a_server_in_a_network_namespace(reque
                                                                            no_leaked_shm):
     port = free_port()
     server = python_module('speculative_av.cloud.server', '--model', MODEL, '--weights', 'random',
-                           '--threads', '1', '--port', str(port))
+                           '--threads', '1', '--port', str(port), '--insecure')
     with network_namespace() as space, \
             running(space.command(server + ['--host', space.address]),
                     stdout=subprocess.PIPE) as process:
@@ -281,11 +287,13 @@ def test_cloud_server_killed_and_restarted(request, no_leaked_shm):
             before = setup.footprint('before')
             server.send_signal(signal.SIGKILL)
             server.wait()
+            setup.event('cloud server killed')
         down_at = setup.decided()
         setup.wait_frames_for(FAULT_S)
         with cloud_server(port):
             wait_until(lambda: _serving(port), 60, 'the restarted server to serve')
             serving_ns = time.time_ns()
+            setup.event('restarted cloud server serves')
             back_at = setup.decided()
             wait_until(lambda: setup.cloud_outcomes(back_at), 30, 'a frame raced with the cloud')
             first = next(d for d, _ in setup.observed.decisions[back_at:] if 'source.cloud' in d)
@@ -293,6 +301,7 @@ def test_cloud_server_killed_and_restarted(request, no_leaked_shm):
                 (decision_stamp_ns(first) - serving_ns) / 1e9, 2)
             setup.wait_cloud_wins(1, since=back_at)
             after = setup.footprint('after')
+            setup.event('stopping the restarted cloud server (SIGINT)')
     timing = check_fused_in_time(setup.observed, DEADLINE_MS)
     report(request, setup, timing, 'cloud server killed (SIGKILL) and restarted',
            'local in time while it is down; raced again within ~1 s of serving')
