@@ -19,14 +19,16 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import rclpy.node
-from ros_harness import python_module, running, wait_until
+from ros_harness import python_module, running, stop, wait_until
 from sensor_msgs.msg import Image
+from speculation_rig import detector_command
 from speculative_av.ros.spinning import background_node
 from speculative_av.tools.ros_isolation import fastdds_shm_files
 from vision_msgs.msg import Detection2DArray
@@ -349,6 +351,45 @@ def check_fused_in_time(observed: StampObserver, deadline_ms: float) -> Timing:
                             f"late={decision['late']}, local received "
                             f'{local_after_ms} ms after it; {decision}')
     return Timing(np.array(after), late, image_delays_ms(observed), problems, stalled)
+
+
+@dataclass
+class LoggedProcess:
+    """A process whose stderr (where ROS logs) is echoed and kept, line by line."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        """Return the process id."""
+        return self.process.pid
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            sys.stderr.write(line)
+
+    def logged(self, pattern: str, since: int = 0) -> list[str]:
+        """Return the lines after line ``since`` that match the regular expression."""
+        return [line for line in self.lines[since:] if re.search(pattern, line)]
+
+
+@contextlib.contextmanager
+def logged_detector(**parameters: object) -> Iterator[LoggedProcess]:
+    """Run the node as ``speculation_rig.detector`` does, keeping its log lines."""
+    process = subprocess.Popen(detector_command(**parameters), text=True, stderr=subprocess.PIPE)
+    node = LoggedProcess(process)
+    pump = threading.Thread(target=node._pump, daemon=True)
+    pump.start()
+    try:
+        yield node
+        assert process.poll() is None, f'detector exited early with {process.returncode}'
+    finally:
+        code = stop(process, timeout=20)
+        pump.join(5)
+    assert code == 0, f'detector exited with {code}'
 
 
 def summary_counters(observed: StampObserver) -> dict[str, str]:

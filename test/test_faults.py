@@ -27,15 +27,16 @@ import time
 from typing import Iterator
 
 from fault_rig import (assert_no_growth, check_fused_in_time, decision_stamp_ns, fault_server,
-                       figures, leaked_shm, network_namespace, observer, ProcessFootprint,
-                       relay, settled_footprint, StampObserver, Timing, wait_until_quiet)
+                       figures, leaked_shm, logged_detector, LoggedProcess, network_namespace,
+                       observer, ProcessFootprint, relay, settled_footprint, StampObserver,
+                       Timing, wait_until_quiet)
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 import numpy as np
 import pytest
 from ros_harness import python_module, running, stop, wait_until
-from speculation_rig import camera_command, cloud_server, detector, free_port, MODEL
+from speculation_rig import camera_command, cloud_server, free_port, MODEL
 
 from speculative_av.tools.ros_isolation import fastdds_shm_files
 
@@ -52,7 +53,7 @@ class Rig:
     """The running processes of one fault test and what was measured."""
 
     observed: StampObserver
-    node: subprocess.Popen[str]
+    node: LoggedProcess
     counters: dict[str, str] = field(default_factory=dict)
     footprints: dict[str, ProcessFootprint] = field(default_factory=dict)
     notes: dict[str, object] = field(default_factory=dict)
@@ -66,6 +67,11 @@ class Rig:
         """Note a moment of the test in its output (wall clock, as the node's log lines)."""
         self.notes.setdefault('events', []).append((what, time.time()))
         print(f'[{time.time():.3f}] test: {what} (after {self.decided()} decisions)')
+
+    def health(self) -> str:
+        """Return the cloud endpoint's health in the node's latest /diagnostics."""
+        return self.observed.diagnostics[-1]['cloud']['health'] if self.observed.diagnostics \
+            else ''
 
     def decided(self) -> int:
         """Return how many frames have been decided so far."""
@@ -106,7 +112,7 @@ def rig(endpoint: str, **parameters: object) -> Iterator[Rig]:
     The camera stops first; then every processed frame must come out decided and fused.
     """
     params = {'deadline_ms': DEADLINE_MS, 'cloud.endpoints': f'["{endpoint}"]', **parameters}
-    with observer() as observed, detector(**params) as node, \
+    with observer() as observed, logged_detector(**params) as node, \
             running(camera_command(rate_hz=RATE_HZ)) as camera:
         setup = Rig(observed, node)
         yield setup
@@ -285,11 +291,13 @@ def test_cloud_server_killed_and_restarted(request, no_leaked_shm):
         with cloud_server(port) as server:
             setup.wait_cloud_wins(3)
             before = setup.footprint('before')
+            log_at = len(setup.node.lines)
             server.send_signal(signal.SIGKILL)
             server.wait()
             setup.event('cloud server killed')
         down_at = setup.decided()
         setup.wait_frames_for(FAULT_S)
+        health_down = setup.health()
         with cloud_server(port):
             wait_until(lambda: _serving(port), 60, 'the restarted server to serve')
             serving_ns = time.time_ns()
@@ -301,12 +309,17 @@ def test_cloud_server_killed_and_restarted(request, no_leaked_shm):
                 (decision_stamp_ns(first) - serving_ns) / 1e9, 2)
             setup.wait_cloud_wins(1, since=back_at)
             after = setup.footprint('after')
+            wait_until(lambda: setup.health() == 'SERVING', 10, 'SERVING on /diagnostics')
             setup.event('stopping the restarted cloud server (SIGINT)')
+    transitions = setup.node.logged(r'cloud endpoint cloud: \S+ -> \S+', log_at)
     timing = check_fused_in_time(setup.observed, DEADLINE_MS)
     report(request, setup, timing, 'cloud server killed (SIGKILL) and restarted',
            'local in time while it is down; raced again within ~1 s of serving')
     assert 'cloud' not in setup.observed.winners(down_at)[1:back_at - down_at]
     assert setup.notes['raced_again_after_s'] <= RACED_AGAIN_S, setup.notes
+    assert health_down in ('UNREACHABLE', 'NOT_SERVING'), health_down
+    assert 'SERVING -> UNREACHABLE' in transitions[0] and '-> SERVING' in ''.join(transitions), \
+        transitions
     timing.assert_in_time()
     assert_no_growth(before, after, 'server restart')
 
