@@ -1,4 +1,5 @@
-"""Speculative cloud execution for ROS 2 camera perception.
+"""
+Speculative cloud execution for ROS 2 camera perception.
 
 Layers, imports pointing only downward:
 ``core`` (detections, deadlines, arbitration, statistics; no ROS, no gRPC) ->

@@ -1,14 +1,13 @@
 """Parameters, config files, launch files and README agree: they are the public API."""
 import ast
-import re
 from pathlib import Path
+import re
 
 import pytest
 import rclpy
-import yaml
 from rclpy.parameter import Parameter
-
 from speculative_av.ros.detector_node import SpeculativeDetector
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ROS_BUILT_INS = {'use_sim_time', 'start_type_description_service'}  # every rclpy node has them
