@@ -1,10 +1,14 @@
-"""Launch the gRPC cloud detection server (no ROS inside it; launch only supervises it).
+"""
+Launch the gRPC cloud detection server (no ROS inside it; launch only supervises it).
 
 ros2 launch speculative_av cloud_server.launch.py port:=50051 \
     model:=fasterrcnn_mobilenet_v3_large_fpn weights:=/models/cloud.pt device:=cuda
+
+The launch ends with the server, with a non-zero exit code when the server failed.
 """
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, ExecuteProcess
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, Shutdown
+from launch.events.process import ProcessExited
 from launch.substitutions import LaunchConfiguration
 from launch_ros.substitutions import ExecutableInPackage
 
@@ -19,7 +23,19 @@ ARGUMENTS = {
 }
 
 
-def generate_launch_description():
+def _end_launch(event: ProcessExited, context: LaunchContext) -> list[Shutdown]:
+    """
+    End the launch with the server; make a failed server fail the launch.
+
+    launch.LaunchService returns 1 only when an exception reaches it: there is no other way to
+    set `ros2 launch`'s exit code.
+    """
+    if event.returncode != 0:
+        raise RuntimeError(f'{event.process_name} exited with code {event.returncode}')
+    return [Shutdown(reason=f'{event.process_name} exited')]
+
+
+def generate_launch_description() -> LaunchDescription:
     """Return the server process with every option as a launch argument."""
     arguments = [DeclareLaunchArgument(name, default_value=default, description=text)
                  for name, (default, text) in ARGUMENTS.items()]
@@ -27,4 +43,5 @@ def generate_launch_description():
     for name in ARGUMENTS:
         command += [f'--{name.replace("_", "-")}', LaunchConfiguration(name)]
     # A plain process, not a launch_ros Node: the server takes no --ros-args.
-    return LaunchDescription([*arguments, ExecuteProcess(cmd=command, output='screen')])
+    return LaunchDescription([*arguments, ExecuteProcess(
+        cmd=command, output='screen', on_exit=_end_launch)])
