@@ -94,6 +94,7 @@ def test_launched_server_and_node_fuse_detections_with_two_endpoints_and_integer
                   f'port:={port}', f'model:={MODEL}', 'weights:=random') as server:
         wait_until(lambda: 'listening on' in server_log.read_text() or server.poll() is not None,
                    120, 'the launched cloud server to listen')
+        assert server.poll() is None, f'cloud server launch ended:\n{server_log.read_text()}'
         vehicle_log = tmp_path / 'vehicle.log'
         with (observer() as seen,
               launched(launch_env, vehicle_log, 'vehicle.launch.py', f'params_file:={params_file}',
