@@ -6,13 +6,22 @@ export SPECULATIVE_AV_VENV := $(VENV)
 # A Python from another ROS-wheels venv exports this guard; inheriting it breaks ours.
 PY := env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/python
 
-.PHONY: env test benchmark demo evaluation lock
+.PHONY: env test launch-check benchmark demo evaluation lock
 
 env:
 	@tools/bootstrap.sh
 
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The launch files under the real ROS 2 launch system (test/test_launch.py, which `make test` skips
+# without one): LAUNCH_PYTHONPATH holds launch and launch_ros sources (README, "Launch files").
+space := $() $()
+LAUNCH_PATH = $(subst $(space),:,$(strip $(LAUNCH_PYTHONPATH) $(PYTHONPATH)))
+launch-check: env
+	PYTHONPATH=$(LAUNCH_PATH) $(PY) -c 'import launch_ros.actions, ros2launch.api' || \
+	    { echo 'launch_ros is not importable: set LAUNCH_PYTHONPATH (README)' >&2; exit 1; }
+	PYTHONPATH=$(LAUNCH_PATH) $(PY) -m pytest -rs test/test_launch.py $(PYTEST_ARGS)
 
 benchmark: env
 	$(PY) -m pytest -m benchmark -s $(PYTEST_ARGS)

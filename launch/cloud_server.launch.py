@@ -1,10 +1,16 @@
-"""Launch the gRPC cloud detection server (no ROS inside it; launch only supervises it).
+"""
+Launch the gRPC cloud detection server (no ROS inside it; launch only supervises it).
 
 ros2 launch speculative_av cloud_server.launch.py port:=50051 \
-    model:=fasterrcnn_mobilenet_v3_large_fpn weights:=/models/cloud.pt device:=cuda
+    model:=fasterrcnn_mobilenet_v3_large_fpn weights:=/models/cloud.pt device:=cuda \
+    tls_cert:=/etc/speculative_av/server.crt tls_key:=/etc/speculative_av/server.key \
+    tokens:=/etc/speculative_av/tokens
+
+The launch ends with the server, with a non-zero exit code when the server failed.
 """
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, ExecuteProcess
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, Shutdown
+from launch.events.process import ProcessExited
 from launch.substitutions import LaunchConfiguration
 from launch_ros.substitutions import ExecutableInPackage
 
@@ -16,10 +22,28 @@ ARGUMENTS = {
     'device': ('cpu', 'cpu, cuda or cuda:N.'),
     'concurrency': ('1', 'Requests run at once.'),
     'extra_latency_ms': ('0', 'Fixed delay before each reply (emulates a distant server).'),
+    'insecure': ('false', 'true serves plaintext (a warning is logged); otherwise give TLS files.'),
+    'tls_cert': ('', 'PEM server certificate (TLS).'),
+    'tls_key': ('', 'PEM private key of tls_cert.'),
+    'tls_client_ca': ('', 'PEM CA that client certificates must chain to (mutual TLS).'),
+    'tokens': ('', "File of per-vehicle bearer tokens ('vehicle_id token' lines)."),
+    'max_calls_per_client': ('0', 'Concurrent Detect calls one client may hold (0 = no limit).'),
 }
 
 
-def generate_launch_description():
+def _end_launch(event: ProcessExited, context: LaunchContext) -> list[Shutdown]:
+    """
+    End the launch with the server; make a failed server fail the launch.
+
+    launch.LaunchService returns 1 only when an exception reaches it: there is no other way to
+    set `ros2 launch`'s exit code.
+    """
+    if event.returncode != 0:
+        raise RuntimeError(f'{event.process_name} exited with code {event.returncode}')
+    return [Shutdown(reason=f'{event.process_name} exited')]
+
+
+def generate_launch_description() -> LaunchDescription:
     """Return the server process with every option as a launch argument."""
     arguments = [DeclareLaunchArgument(name, default_value=default, description=text)
                  for name, (default, text) in ARGUMENTS.items()]
@@ -27,4 +51,5 @@ def generate_launch_description():
     for name in ARGUMENTS:
         command += [f'--{name.replace("_", "-")}', LaunchConfiguration(name)]
     # A plain process, not a launch_ros Node: the server takes no --ros-args.
-    return LaunchDescription([*arguments, ExecuteProcess(cmd=command, output='screen')])
+    return LaunchDescription([*arguments, ExecuteProcess(
+        cmd=command, output='screen', on_exit=_end_launch)])

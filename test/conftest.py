@@ -1,4 +1,5 @@
-"""Isolate every pytest process on its own ROS 2 domain, on loopback, and clean up after it.
+"""
+Isolate every pytest process on its own ROS 2 domain, on loopback, and clean up after it.
 
 Environment set here is inherited by the processes tests start, so a test's nodes discover
 each other and nothing else (see speculative_av/tools/ros_isolation.py): a ROS_DOMAIN_ID no
@@ -7,8 +8,8 @@ concurrent test process holds, discovery on loopback only, the project's FastDDS
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+import sys
 
 import pytest
 

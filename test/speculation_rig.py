@@ -1,4 +1,5 @@
-"""A test rig of real processes: cloud server, speculative_detector node, synthetic camera.
+"""
+A test rig of real processes: cloud server, speculative_detector node, synthetic camera.
 
 The pytest process is the observer: it subscribes to the node's outputs like a planning node
 would and records when each message arrived.
@@ -6,18 +7,17 @@ would and records when each message arrived.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 import socket
 import subprocess
-from dataclasses import dataclass, field
 from typing import Iterator
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import rclpy
 from ros_harness import python_module, ros_args, running, stop, wait_until
 from sensor_msgs.msg import Image
-from vision_msgs.msg import Detection2DArray
-
 from speculative_av.ros.spinning import background_node
+from vision_msgs.msg import Detection2DArray
 
 MODEL = 'ssdlite320_mobilenet_v3_large'  # ~31 ms per 640x480 frame on this machine's CPU
 
@@ -59,7 +59,8 @@ def detector_command(**parameters: object) -> list[str]:
 
 def camera_command(rate_hz: float = 10.0, frame_id: str = 'cam_front', namespace: str = '',
                    wait_for_subscribers: int = 2, **parameters: object) -> list[str]:
-    """Return a synthetic 640x480 camera that starts once detector and observer subscribed.
+    """
+    Return a synthetic 640x480 camera that starts once detector and observer subscribed.
 
     It publishes reliably so the observer sees every input header; the detector's best-effort
     subscription is compatible with that and sees the same stream.
@@ -106,8 +107,8 @@ class Observer:
 
     def outcomes(self) -> list[str]:
         """Return one line per decided frame with every source's outcome, for failure output."""
-        return [' '.join(f'{k}={v}' for k, v in d.items() if k.startswith(('winner', 'source',
-                                                                         'cloud_lat', 'local_lat')))
+        shown = ('winner', 'source', 'cloud_lat', 'local_lat')
+        return [' '.join(f'{k}={v}' for k, v in d.items() if k.startswith(shown))
                 for d, _ in self.decisions]
 
     def winners(self, since: int = 0) -> list[str]:

@@ -1,4 +1,5 @@
-"""The arbiter's invariants over random schedules of frames, results, failures and deadlines.
+"""
+The arbiter's invariants over random schedules of frames, results, failures and deadlines.
 
 A simulated caller replays each drawn schedule in time order, as the node does: it opens frames,
 delivers every source's outcome (turned into a cancellation when the arbiter asked for one
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 
 from hypothesis import given, HealthCheck, settings, strategies as st
 import numpy as np
-
 from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, FrameRecord, Source
 from speculative_av.core.detections import Detections
 
@@ -157,8 +157,8 @@ def test_never_decided_before_the_deadline_while_a_higher_priority_source_is_pen
             for a in record.attempts.values())
         winner_priority = SOURCES[decision.winner].priority if decision.winner else -1
         for attempt in record.attempts.values():
-            still_pending = attempt.finished_ns is None or attempt.finished_ns > decision.decided_ns
-            if still_pending:
+            finished = attempt.finished_ns
+            if finished is None or finished > decision.decided_ns:  # pending at the decision
                 assert attempt.source.priority <= winner_priority, (decision, attempt)
 
 

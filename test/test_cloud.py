@@ -323,9 +323,12 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     port = _free_port()
     target = f'127.0.0.1:{port}'
     changes: list[tuple[str, str]] = []
+
+    def note(name: str, old: str, new: str, error: str) -> None:
+        changes.append((old, new))
+
     with CloudEndpoint('late', target, security=PLAINTEXT, backoff_initial_s=0.05,
-                       backoff_max_s=0.4, on_health_change=lambda name, old, new, error: changes.append(
-                           (old, new))) as endpoint:
+                       backoff_max_s=0.4, on_health_change=note) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy
         assert endpoint.health().next_check_in_s >= 0.2  # 0.05 -> 0.1 -> 0.2 -> 0.4

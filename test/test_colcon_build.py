@@ -1,8 +1,8 @@
 """The package builds with colcon and its executables are found through the ament index."""
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

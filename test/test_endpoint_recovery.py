@@ -1,16 +1,15 @@
 """How soon the vehicle's client notices a cloud server that died, and one that is back."""
 from __future__ import annotations
 
+from pathlib import Path
 import threading
 import time
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ros_harness import wait_until
-from test_cloud import _free_port, PLAINTEXT, SERVICE, ServerProcess, STARTUP_TIMEOUT_S
-
 from speculative_av.cloud.client import CloudEndpoint
+from test_cloud import _free_port, PLAINTEXT, ServerProcess, SERVICE, STARTUP_TIMEOUT_S
 
 
 def _serving_since(target: str, stop: threading.Event, seen: list[float]) -> None:

@@ -1,14 +1,13 @@
 """make_recording -> evaluate, and the whole demo, on small inputs with random weights."""
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader
-
 from speculative_av.scenes.generator import render_drive
 from speculative_av.tools.evaluate import main as evaluate_main, read_recording
 from speculative_av.tools.make_recording import make_recording

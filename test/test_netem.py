@@ -28,9 +28,9 @@ from grpc_health.v1 import health_pb2_grpc
 import pytest
 from speculative_av.netem import relay
 from speculative_av.netem.delay_line import DelayLine, Link, TRANSFER_GAP_S
-from speculative_av.package_files import config_path
 from speculative_av.netem.profiles import (
     load_profiles, load_trace, NetworkModel, NetworkProfile, TraceRow)
+from speculative_av.package_files import config_path
 
 LISTEN_TIMEOUT_S = 20.0
 # What the relay may add to the emulated delay on a loaded 2-core machine (loopback, event loop).

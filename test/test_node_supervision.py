@@ -1,4 +1,5 @@
-"""The node's threads under faults, in one process: frames that break, threads that die, clocks.
+"""
+The node's threads under faults, in one process: frames that break, threads that die, clocks.
 
 The node, a camera publisher and an observer share one executor here, so a test can break the
 node's parts (the detector, the frame slots) directly and watch what reaches its topics.
@@ -9,23 +10,22 @@ import contextlib
 import threading
 from typing import Iterator
 
-import numpy as np
-import pytest
-import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
+import numpy as np
+import pytest
+import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rosgraph_msgs.msg import Clock as ClockMsg
 from ros_harness import wait_until
+from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import Image
-from std_msgs.msg import Header
-from vision_msgs.msg import Detection2DArray
-
 from speculative_av.ros.detector_node import SpeculativeDetector
 from speculative_av.ros.image_conversion import rgb_to_image_msg
+from std_msgs.msg import Header
+from vision_msgs.msg import Detection2DArray
 
 FRAME = np.full((120, 160, 3), 90, np.uint8)
 

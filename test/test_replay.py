@@ -1,9 +1,9 @@
 """replay and record: rosbag2 bags (mcap and sqlite3) into ROS 2 topics and back, as processes."""
 import json
+from pathlib import Path
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import rclpy
@@ -13,13 +13,12 @@ from ros_harness import python_module, ros_args, running, stop, wait_until
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
-from vision_msgs.msg import Detection2D, Detection2DArray
-
 from speculative_av.ros.image_conversion import rgb_to_image_msg
 from speculative_av.ros.synthetic_camera import render_frame
 from speculative_av.tools.bag_types import typestore, vision_msgs_share
 from speculative_av.tools.replay import parse_args, split_ros_args
+from std_msgs.msg import Header
+from vision_msgs.msg import Detection2D, Detection2DArray
 
 WIDTH, HEIGHT, FRAMES = 64, 48, 10
 T0_NS, PERIOD_NS = 1_700_000_000_000_000_000, 100_000_000  # 10 Hz
@@ -45,7 +44,7 @@ def _message(topic: str, i: int):
 
 
 def _content(msg) -> tuple:
-    """What a received message must match: stamp, frame and payload."""
+    """Return what a received message must match: stamp, frame and payload."""
     payload = [d.id for d in msg.detections] if isinstance(msg, Detection2DArray) \
         else bytes(msg.data)
     return (msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id, payload)
@@ -65,13 +64,13 @@ def _write_bag(path: Path, storage: str) -> Path:
 
 @pytest.fixture(scope='module', params=sorted(STORAGES))
 def bag(request, tmp_path_factory) -> Path:
-    """The test bag in each storage format."""
+    """Write the test bag in each storage format."""
     return _write_bag(tmp_path_factory.mktemp('bags') / request.param, request.param)
 
 
 @pytest.fixture(scope='module')
 def mcap_bag(tmp_path_factory) -> Path:
-    """The test bag, for what does not depend on the storage format."""
+    """Write the test bag once, for what does not depend on the storage format."""
     return _write_bag(tmp_path_factory.mktemp('bags') / 'mcap', 'mcap')
 
 

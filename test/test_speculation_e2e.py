@@ -34,7 +34,8 @@ def _check_one_fused_per_frame_with_image_headers(observed: Observer) -> None:
 
 
 def _after_max_of_deadline_and_winner_ms(observed: Observer) -> np.ndarray:
-    """Per frame: how long after max(deadline, winner ready) the fused result left.
+    """
+    Per frame: how long after max(deadline, winner ready) the fused result left.
 
     When no higher-priority source arrives, that maximum is the moment the choice is final.
     """

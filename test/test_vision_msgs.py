@@ -1,11 +1,11 @@
 """The vision_msgs in the environment match upstream and cross process boundaries."""
 import json
-import subprocess
 from pathlib import Path
+import subprocess
 
+from ament_index_python.packages import get_package_share_directory
 import pytest
 import rclpy
-from ament_index_python.packages import get_package_share_directory
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from ros_harness import python_module, stop, wait_until
 from vision_msgs.msg import (BoundingBox2D, Detection2D, Detection2DArray,
@@ -54,8 +54,8 @@ def node():
 
 
 def test_detection2darray_crosses_processes_with_upstream_type_hash(node):
-    publisher = node.create_publisher(
-        Detection2DArray, 'detections', QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    publisher = node.create_publisher(Detection2DArray, 'detections', reliable)
     echo = subprocess.Popen(python_module('detection_echo'), cwd=Path(__file__).parent / 'helpers',
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -1,8 +1,8 @@
 """The ``cloud.endpoints`` syntax: ``[name=]host:port[@priority]``, one string per endpoint."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+import re
 
 DEFAULT_CLOUD_PRIORITY = 10  # above the local detector's 0: the cloud model is more accurate
 
@@ -20,7 +20,8 @@ class EndpointSpec:
 
     @classmethod
     def parse(cls, text: str, index: int = 0) -> EndpointSpec:
-        """Parse ``[name=]host:port[@priority]``; the name defaults to ``cloud`` (``cloud<i>``).
+        """
+        Parse ``[name=]host:port[@priority]``; the name defaults to ``cloud`` (``cloud<i>``).
 
         >>> EndpointSpec.parse('edge=10.0.0.5:50051@20')
         EndpointSpec(name='edge', target='10.0.0.5:50051', priority=20)

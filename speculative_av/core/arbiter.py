@@ -1,4 +1,5 @@
-"""Per-frame arbitration between detection sources racing a deadline.
+"""
+Per-frame arbitration between detection sources racing a deadline.
 
 The policy of speculative cloud execution (Schafhalter et al., IROS 2023), not "first one wins":
 
@@ -25,6 +26,7 @@ from speculative_av.core.detections import Detections
 # Older stamps within this of a camera's newest are out-of-order deliveries (dropped as
 # stale); further back, the camera's clock stepped back (a looping replay, a resync).
 DEFAULT_STAMP_BACKSTEP_TOLERANCE_NS = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class Source:
@@ -161,8 +163,8 @@ class Arbiter:
         self._last_stamp: dict[str, int] = {}
         self.clock_resets: dict[str, int] = {}
 
-    def open(self, camera: str, stamp_ns: int, start_ns: int, deadline_ns: int,
-             sources: list[Source]) -> FrameKey | None:
+    def open(self, camera: str, stamp_ns: int, start_ns: int,  # noqa: A003 (a method)
+             deadline_ns: int, sources: list[Source]) -> FrameKey | None:
         """Start a frame's race; None if its stamp is stale (see the constructor)."""
         if not sources:
             raise ValueError('a frame needs at least one source')

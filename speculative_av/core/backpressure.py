@@ -1,15 +1,16 @@
 """Keep only the newest frame per camera so results never come from a backlog."""
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
+import threading
 from typing import Generic, TypeVar
 
 T = TypeVar('T')
 
 
 class LatestFrameSlots(Generic[T]):
-    """One slot per camera holding its newest unprocessed frame.
+    """
+    One slot per camera holding its newest unprocessed frame.
 
     A frame that arrives while an older one still waits replaces it (the older one is dropped
     and counted): a detector slower than the camera processes the freshest image instead of

@@ -10,7 +10,8 @@ import numpy.typing as npt
 
 @dataclass(frozen=True)
 class Detections:
-    """Objects found in one image, boxes in that image's pixel coordinates.
+    """
+    Objects found in one image, boxes in that image's pixel coordinates.
 
     ``boxes`` is (N, 4) float32 ``x1, y1, x2, y2``; ``scores`` (N,) float32; ``labels`` (N,)
     int64 class ids of the detector's label map.

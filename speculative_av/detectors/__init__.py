@@ -1,1 +1,1 @@
-"""Object detectors that turn an RGB array into :class:`~speculative_av.core.detections.Detections`."""
+"""Object detectors: an RGB array in, :class:`~speculative_av.core.detections.Detections` out."""

@@ -1,4 +1,5 @@
-"""The ``speculative_detector`` lifecycle node: local and cloud detection race every frame.
+"""
+The ``speculative_detector`` lifecycle node: local and cloud detection race every frame.
 
 Threads: the executor only enqueues frames (newest per camera wins); one worker converts,
 dispatches the cloud calls and runs local inference; a scheduler thread applies deadlines; gRPC
@@ -13,36 +14,33 @@ of a zombie living on.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from functools import partial
 import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field, replace
-from functools import partial
 from types import FrameType
 from typing import Callable
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import grpc
 import numpy as np
 import numpy.typing as npt
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
+import rclpy
 from rclpy.clock import Clock, ClockType, JumpHandle, JumpThreshold, TimeJump
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import (LifecycleNode, LifecyclePublisher, LifecycleState,
-                            TransitionCallbackReturn)
+                             TransitionCallbackReturn)
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, qos_profile_sensor_data, QoSProfile
 from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import Subscription
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
-from vision_msgs.msg import Detection2DArray, LabelInfo
-
 from speculative_av.cloud.client import CloudEndpoint, CloudReply, SERVING
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
@@ -59,6 +57,8 @@ from speculative_av.ros.messages import (decision_status, detections_msg, draw_d
                                          label_info_msg, LOCAL_SOURCE, source_status,
                                          summary_status)
 from speculative_av.ros.parameters import declare
+from std_msgs.msg import Header
+from vision_msgs.msg import Detection2DArray, LabelInfo
 
 LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
 # Longest the deadline thread sleeps while frames are open: a wall or ROS clock may jump, and
@@ -140,9 +140,9 @@ class SpeculativeDetector(LifecycleNode):
                     "What the deadline counts from: 'stamp' (image header stamp) or "
                     "'arrival' (reception by this node). Settable at run time."))
         declare(self, 'stamp_backstep_tolerance_ms', 1000.0,
-                'A frame stamped up to this much before its camera\'s newest is an out-of-order '
+                "A frame stamped up to this much before its camera's newest is an out-of-order "
                 'delivery and dropped as stale; further back the camera clock stepped back (a '
-                'looping replay, a time resync) and the camera\'s ordering restarts (counted as '
+                "looping replay, a time resync) and the camera's ordering restarts (counted as "
                 'clock_resets). Under use_sim_time a backward jump of ROS time by more than this '
                 'restarts every camera.', read_only=True, value_range=(0.0, 86_400_000.0))
         declare(self, 'local.model', 'ssdlite320_mobilenet_v3_large',

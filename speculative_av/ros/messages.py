@@ -1,4 +1,5 @@
-"""Build the node's output messages from core types.
+"""
+Build the node's output messages from core types.
 
 Class ids: ``ObjectHypothesis.class_id`` is the decimal label id of the local detector's label
 map (e.g. ``'3'``); ``vision_msgs/LabelInfo`` on ``label_info`` maps ids to names.
@@ -9,16 +10,15 @@ import math
 from typing import Mapping, Sequence
 
 import cv2
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 import numpy as np
 import numpy.typing as npt
-from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
-from std_msgs.msg import Header
-from vision_msgs.msg import (Detection2D, Detection2DArray, LabelInfo, ObjectHypothesisWithPose,
-                             VisionClass)
-
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections
 from speculative_av.core.stats import SourceStats
+from std_msgs.msg import Header
+from vision_msgs.msg import (Detection2D, Detection2DArray, LabelInfo, ObjectHypothesisWithPose,
+                             VisionClass)
 
 LOCAL_SOURCE = 'local'
 
@@ -42,7 +42,8 @@ def detections_msg(detections: Detections, header: Header) -> Detection2DArray:
 
 
 def detections_from_msg(msg: Detection2DArray) -> Detections:
-    """Return the boxes of a Detection2DArray (rclpy's or a rosbags-deserialized one).
+    """
+    Return the boxes of a Detection2DArray (rclpy's or a rosbags-deserialized one).
 
     Each detection's best hypothesis gives its label (class ids are decimal label ids) and score.
     """

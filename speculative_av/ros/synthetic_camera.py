@@ -1,4 +1,5 @@
-"""A camera driver stand-in that publishes a deterministic moving road scene.
+"""
+A camera driver stand-in that publishes a deterministic moving road scene.
 
 Frame ``i`` is a pure function of ``i`` and the image size, so a receiver can check that every
 frame arrived intact, and demos and tests need no recording.
@@ -14,10 +15,9 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
-
 from speculative_av.ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 from speculative_av.ros.parameters import declare
+from std_msgs.msg import Header
 
 # (color RGB, lane y as a fraction of the height, size as a fraction of the height, speed px/frame)
 _VEHICLES = (

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import sys
 from pathlib import Path
+import sys
 
 from ament_index_python.packages import get_package_share_directory
 from rosbags.typesys import get_types_from_msg, get_typestore, Stores

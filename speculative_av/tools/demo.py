@@ -9,25 +9,22 @@ stopped before it returns, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 import cv2
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import matplotlib
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
-from tqdm import tqdm
-from vision_msgs.msg import Detection2DArray
-
 from speculative_av.core.detections import Detections
 from speculative_av.ros.messages import detections_from_msg, draw_debug_image
 from speculative_av.ros.spinning import background_node
@@ -36,9 +33,11 @@ from speculative_av.tools.coco_metrics import coco_map
 from speculative_av.tools.evaluate import add_model_arguments, read_recording, RecordedFrame
 from speculative_av.tools.make_recording import make_recording
 from speculative_av.tools.ros_isolation import fastdds_shm_files, isolate, remove_stale_shm
+from tqdm import tqdm
+from vision_msgs.msg import Detection2DArray
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt  # noqa: E402,I100  (after choosing the headless backend)
 
 OUTPUT_TOPICS = ['/detections', '/detections/local', '/detections/cloud',
                  '/speculation/decisions', '/diagnostics']
@@ -285,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--out', type=Path, default=Path('out/demo'))
     parser.add_argument('--frames', type=int, default=100)
     parser.add_argument('--fps', type=float, default=5.0,
-                        help='camera rate; the CPU-bound cloud server of this demo keeps up with 5')
+                        help='camera rate; the CPU-bound cloud server of this demo keeps up '
+                        'with 5')
     parser.add_argument('--seed', type=int, default=7, help='drive and network seed')
     parser.add_argument('--profile', default='good-lte',
                         help='network profile of the relay (config/network_profiles.yaml)')
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_latency(args.out / 'latency.png', frames, seen, args.deadline_ms)
     report = (f'# Demo: {args.frames} frames, deadline {args.deadline_ms:g} ms, network '
               f'{args.profile}\n\n{table}\n\nOutputs in {args.out}: annotated.mp4, {still.name}, '
-              'latency.png, outputs/ (rosbag2 of the node\'s topics), logs/\n')
+              "latency.png, outputs/ (rosbag2 of the node's topics), logs/\n")
     (args.out / 'summary.md').write_text(report)
     print(report)
     print(f'demo finished in {time.monotonic() - started:.0f} s', file=sys.stderr)

@@ -10,18 +10,16 @@ else nothing) and speculative (the fused rule). Writes a markdown report, plots 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, dataclass
 import json
+from pathlib import Path
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
 from rosbags.rosbag2 import Reader
-from tqdm import tqdm
-
 from speculative_av.cloud.codec import (build_request, decode_request_image,
                                         detections_to_response, encode_frame,
                                         to_original_coordinates)
@@ -35,9 +33,10 @@ from speculative_av.scenes.generator import CATEGORIES
 from speculative_av.tools.bag_types import typestore
 from speculative_av.tools.coco_metrics import coco_map
 from speculative_av.tools.offline_race import FrameResults, run_policies
+from tqdm import tqdm
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import matplotlib.pyplot as plt  # noqa: E402,I100  (after choosing the headless backend)
 
 POLICIES = ('local_only', 'cloud_only', 'speculative')
 

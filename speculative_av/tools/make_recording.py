@@ -8,18 +8,17 @@ the demo can pair them by stamp.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 
 from rclpy.serialization import serialize_message
 from rosbags.rosbag2 import StoragePlugin, Writer
-from std_msgs.msg import Header
-from tqdm import tqdm
-
 from speculative_av.ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 from speculative_av.ros.messages import detections_msg
 from speculative_av.scenes.generator import render_drive
 from speculative_av.tools.bag_types import typestore
+from std_msgs.msg import Header
+from tqdm import tqdm
 
 START_NS = 1_700_000_000_000_000_000  # a fixed epoch keeps recordings byte-reproducible
 _STORAGE = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}

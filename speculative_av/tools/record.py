@@ -15,11 +15,11 @@ if every publisher is.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+import sys
+import time
 from typing import Sequence
 
 import rclpy
@@ -31,7 +31,6 @@ from rclpy.utilities import remove_ros_args
 from rosbags.interfaces import (Connection, Qos, QosDurability, QosHistory, QosLiveliness,
                                 QosReliability, QosTime)
 from rosbags.rosbag2 import StoragePlugin, Writer
-
 from speculative_av.tools.bag_types import message_class, typestore
 
 _STORAGE = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}

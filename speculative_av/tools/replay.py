@@ -14,13 +14,13 @@ at ``t_0`` (the clock jumps back, as with ``ros2 bag play --loop``).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import math
+from pathlib import Path
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import rclpy
@@ -34,9 +34,8 @@ from rosbags.interfaces import (Connection, ConnectionExtRosbag2, QosDurability,
                                 QosReliability)
 from rosbags.rosbag2 import Reader, ReaderError
 from rosgraph_msgs.msg import Clock
-from tqdm import tqdm
-
 from speculative_av.tools.bag_types import IMAGE_TYPES, message_class, typestore
+from tqdm import tqdm
 
 # How long the end of playback waits for reliable subscribers to acknowledge the last messages.
 _ACK_TIMEOUT_S = 5.0
@@ -124,7 +123,8 @@ def topic_qos(msgtype: str, connections: Iterable[Connection], image_qos: str) -
         if image_qos == 'sensor_data':
             return qos_profile_sensor_data
         return QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    offered = [qos for connection in connections if isinstance(connection.ext, ConnectionExtRosbag2)
+    offered = [qos for connection in connections
+               if isinstance(connection.ext, ConnectionExtRosbag2)
                for qos in connection.ext.offered_qos_profiles]
     best_effort = bool(offered) and all(
         qos.reliability == QosReliability.BEST_EFFORT for qos in offered)

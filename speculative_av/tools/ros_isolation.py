@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import sys
 from pathlib import Path
+import sys
 from typing import IO
 
 from speculative_av.package_files import config_path
