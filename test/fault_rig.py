@@ -423,14 +423,17 @@ def lost_frames_report(observed: StampObserver, counters: dict[str, str]) -> str
 
 def wait_until_quiet(observed: StampObserver, timeout: float = 30.0) -> dict[str, str]:
     """
-    Wait until every processed frame is decided and fused, with the camera stopped.
+    Wait until every processed frame is decided and fused, with the input stopped.
 
     ``frames_processed`` on /diagnostics must come to equal the decisions and fused results the
     observer received; a frame the node processed but never fused keeps them apart and fails.
     Returns the final counters.
     """
+    reports = len(observed.diagnostics)
+
     def settled() -> bool:
-        if not observed.diagnostics:
+        # Two fresh 1 Hz reports: the last frame in flight when the input stopped is counted.
+        if len(observed.diagnostics) < reports + 2:
             return False
         processed = int(summary_counters(observed)['frames_processed'])
         return processed == len(observed.decisions) == len(observed.fused)
