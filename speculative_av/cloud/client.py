@@ -96,9 +96,15 @@ class CloudEndpoint:
         self._channel = security.channel(target, options=[
             ('grpc.max_send_message_length', max_bytes),
             ('grpc.max_receive_message_length', max_bytes),
+            # A connection whose peer vanished (half-open, blackholed) fails within ~15 s.
             ('grpc.keepalive_time_ms', 10_000),
             ('grpc.keepalive_timeout_ms', 5_000),
             ('grpc.keepalive_permit_without_calls', 1),
+            # A keepalive ping may ride on a ping already in flight (BDP probing), which waits
+            # grpc.http2.ping_timeout_ms (1 min by default): measured 60 s to notice a
+            # half-open connection before this.
+            ('grpc.http2.ping_timeout_ms', 5_000),
+            ('grpc.http2.max_pings_without_data', 0),  # keep pinging an idle health stream
             # gRPC's own reconnect backoff grows to 120 s; a vehicle wants its cloud back soon.
             ('grpc.initial_reconnect_backoff_ms', int(min(backoff_initial_s, reconnect_max_s)
                                                       * 1e3)),

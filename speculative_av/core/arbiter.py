@@ -247,6 +247,16 @@ class Arbiter:
         """Return the number of frames not yet fully resolved."""
         return len(self._races)
 
+    def describe_open(self, now_ns: int) -> list[str]:
+        """Return one line per unresolved frame: age, deadline, decision and each source."""
+        return [f'{key.camera or "image"}#{key.seq} stamp {race.stamp_ns / 1e9:.3f} s, opened '
+                f'{(now_ns - race.start_ns) / 1e6:.0f} ms ago, deadline in '
+                f'{(race.deadline_ns - now_ns) / 1e6:.0f} ms'
+                f'{" (applied)" if race.deadline_applied else ""}, '
+                f'{"decided" if race.decided else "undecided"}: '
+                + ', '.join(f'{name} {a.state.value}' for name, a in race.attempts.items())
+                for key, race in self._races.items()]
+
     def _finish(self, key: FrameKey, source: str, state: SourceState, now_ns: int,
                 detections: Detections | None = None, error: str = '') -> Outcome:
         race = self._races.get(key)
