@@ -22,7 +22,7 @@ ARGUMENTS = {
     'device': ('cpu', 'cpu, cuda or cuda:N.'),
     'concurrency': ('1', 'Requests run at once.'),
     'extra_latency_ms': ('0', 'Fixed delay before each reply (emulates a distant server).'),
-    'insecure': ('false', 'true serves plaintext (a warning is logged); otherwise give TLS files.'),
+    'insecure': ('false', 'true serves plaintext (logs a warning); else give the TLS files.'),
     'tls_cert': ('', 'PEM server certificate (TLS).'),
     'tls_key': ('', 'PEM private key of tls_cert.'),
     'tls_client_ca': ('', 'PEM CA that client certificates must chain to (mutual TLS).'),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+import gc
 import socket
 import subprocess
 from typing import Iterator
@@ -122,9 +123,19 @@ class Observer:
 
 @contextlib.contextmanager
 def observer(name: str = 'planning_observer') -> Iterator[Observer]:
-    """Spin an :class:`Observer` node in a background thread for the block's duration."""
-    with background_node(name) as node:
-        yield Observer(node)
+    """
+    Spin an :class:`Observer` node in a background thread for the block's duration.
+
+    The test process's objects (torch, earlier tests) are frozen meanwhile, as the node freezes
+    its own: a full garbage collection over them would stall the observer's receive times.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        with background_node(name) as node:
+            yield Observer(node)
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

@@ -105,7 +105,8 @@ def test_bad_trace_files_raise_a_clear_value_error(tmp_path, content, message):
 def test_shipped_trace_loads():
     rows = load_trace(config_path('traces/lte_drive.csv'))
     assert rows[0].t_s == 0 and rows[-1].t_s >= 120
-    assert len({row.rtt_ms for row in rows}) > 10 and len({row.bandwidth_mbps for row in rows}) > 10
+    assert len({row.rtt_ms for row in rows}) > 10
+    assert len({row.bandwidth_mbps for row in rows}) > 10
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_relay_outage_holds_traffic_then_releases_it(start_relay, echo_server):
 
 @pytest.fixture(scope='module')
 def grpc_health_server() -> Iterator[str]:
-    """A gRPC server with the standard health service only, on 127.0.0.1."""
+    """Serve the standard gRPC health service only, on 127.0.0.1."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     servicer.set('', health_pb2.HealthCheckResponse.SERVING)
@@ -378,8 +379,8 @@ def _timed_check(stub: health_pb2_grpc.HealthStub, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def test_grpc_unary_call_through_the_relay_is_delayed_by_the_rtt(start_relay,
-                                                                  grpc_health_server):
+def test_grpc_unary_call_through_the_relay_is_delayed_by_the_rtt(
+        start_relay, grpc_health_server):
     proxy = start_relay(grpc_health_server, '--rtt-ms', '100')
     target = '%s:%d' % proxy.address
     with grpc.insecure_channel(target, options=[('grpc.enable_http_proxy', 0)]) as channel:
