@@ -30,7 +30,7 @@ from ros_harness import python_module, running, stop, wait_until
 from sensor_msgs.msg import Image
 from speculation_rig import detector_command
 from speculative_av.ros.spinning import background_node
-from speculative_av.tools.ros_isolation import fastdds_shm_files
+from speculative_av.tools.ros_isolation import fastdds_shm_files, files_in_use
 from vision_msgs.msg import Detection2DArray
 
 HELPERS = Path(__file__).parent / 'helpers'
@@ -241,17 +241,7 @@ def leaked_shm(before: frozenset[str]) -> set[str]:
     be told apart, so another run's crash at the same moment would be reported here too.
     """
     domain_id = int(os.environ['ROS_DOMAIN_ID'])
-    in_use: set[str] = set()
-    for proc in Path('/proc').iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / 'fd').iterdir():
-                with contextlib.suppress(OSError):
-                    in_use.add(os.readlink(fd))
-            with open(proc / 'maps') as maps:
-                in_use.update(line.split(None, 5)[-1].strip() for line in maps
-                              if '/dev/shm' in line)
+    in_use = files_in_use()
     return {name for name in fastdds_shm_files() - before
             if f'/dev/shm/{name}' not in in_use and _ours(name, domain_id)}
 

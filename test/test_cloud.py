@@ -7,6 +7,7 @@ checked against local inference on the same decoded image.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 import re
 import select
@@ -110,13 +111,13 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope='module')
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    """Start a plain server and one with extra latency (in parallel: imports take seconds)."""
-    logs = tmp_path_factory.mktemp('cloud_logs')
+@contextlib.contextmanager
+def plain_and_slow_servers(logs: Path,
+                           extra_latency_ms: float) -> Iterator[dict[str, ServerProcess]]:
+    """Run a plain server and one with extra latency (started in parallel: imports take s)."""
     started = {'plain': ServerProcess(logs / 'plain.log'),
                'slow': ServerProcess(logs / 'slow.log', '--extra-latency-ms',
-                                     str(EXTRA_LATENCY_MS))}
+                                     str(extra_latency_ms))}
     try:
         for server in started.values():
             server.wait_serving()
@@ -126,6 +127,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
             server.process.send_signal(signal.SIGTERM)  # exits take a second: overlap them
         for server in started.values():
             server.terminate()
+
+
+@pytest.fixture(scope='module')
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """Start a plain server and one with extra latency."""
+    with plain_and_slow_servers(tmp_path_factory.mktemp('cloud_logs'),
+                                EXTRA_LATENCY_MS) as started:
+        yield started
 
 
 @pytest.fixture(scope='module')

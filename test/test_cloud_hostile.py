@@ -8,7 +8,6 @@ burst of Detect calls is refused with RESOURCE_EXHAUSTED while health checks sti
 """
 from __future__ import annotations
 
-import signal
 import time
 from typing import Iterator
 
@@ -22,7 +21,7 @@ from ros_harness import wait_until
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
-from test_cloud import health_status, ServerProcess, SERVICE
+from test_cloud import health_status, plain_and_slow_servers, ServerProcess, SERVICE
 
 DETECT = f'/{SERVICE}/Detect'
 MODEL_INFO = f'/{SERVICE}/GetModelInfo'
@@ -35,20 +34,10 @@ EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
 
 @pytest.fixture(scope='module')
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    """Start a plain server for the fuzzing and a slow one for the burst, in parallel."""
-    logs = tmp_path_factory.mktemp('hostile_logs')
-    started = {'plain': ServerProcess(logs / 'plain.log'),
-               'slow': ServerProcess(logs / 'slow.log', '--extra-latency-ms',
-                                     str(BURST_LATENCY_MS))}
-    try:
-        for server in started.values():
-            server.wait_serving()
+    """Start a plain server for the fuzzing and a slow one for the burst."""
+    with plain_and_slow_servers(tmp_path_factory.mktemp('hostile_logs'),
+                                BURST_LATENCY_MS) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.process.send_signal(signal.SIGTERM)
-        for server in started.values():
-            server.terminate()
 
 
 @pytest.fixture(scope='module')

@@ -62,7 +62,8 @@ def fastdds_shm_files() -> frozenset[str]:
     return frozenset(p.name for p in shm.iterdir() if 'fastdds' in p.name)
 
 
-def _files_in_use() -> set[str]:
+def files_in_use() -> set[str]:
+    """Return every path some live process has open or mapped (from /proc)."""
     used: set[str] = set()
     for proc in Path('/proc').iterdir():
         if not proc.name.isdigit():
@@ -78,7 +79,7 @@ def _files_in_use() -> set[str]:
 
 def remove_stale_shm(before: frozenset[str]) -> int:
     """Delete FastDDS shm files created since ``before`` that no live process uses; count them."""
-    in_use = _files_in_use()
+    in_use = files_in_use()
     removed = 0
     for name in fastdds_shm_files() - before:
         path = f'/dev/shm/{name}'
