@@ -26,7 +26,7 @@ from typing import Iterator
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import rclpy.node
-from ros_harness import python_module, running, stop, wait_until
+from ros_harness import frozen_heap, python_module, running, stop, wait_until
 from sensor_msgs.msg import Image
 from speculation_rig import detector_command
 from speculative_av.ros.spinning import background_node
@@ -102,11 +102,22 @@ class StampObserver:
         """Return the fused winner kind of each decided frame after index ``since``."""
         return [d['winner'] for d, _ in self.decisions[since:]]
 
+    def wait_for_node_outputs(self, timeout: float = 60.0) -> None:
+        """
+        Wait until this observer has discovered the node's fused and decision publishers.
+
+        Start the frames only then: results published before the match are never delivered
+        (volatile QoS), and would count as lost.
+        """
+        wait_until(lambda: all(self.node.count_publishers(topic) > 0 for topic in
+                               ('detections', 'speculation/decisions')),
+                   timeout, "the node's output topics")
+
 
 @contextlib.contextmanager
 def observer(name: str = 'fault_observer') -> Iterator[StampObserver]:
     """Spin a :class:`StampObserver` node in a background thread for the block's duration."""
-    with background_node(name) as node:
+    with frozen_heap(), background_node(name) as node:
         yield StampObserver(node)
 
 

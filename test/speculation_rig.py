@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-import gc
 import socket
 import subprocess
 from typing import Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import rclpy
-from ros_harness import python_module, ros_args, running, stop, wait_until
+from ros_harness import frozen_heap, python_module, ros_args, running, stop, wait_until
 from sensor_msgs.msg import Image
 from speculative_av.ros.spinning import background_node
 from vision_msgs.msg import Detection2DArray
@@ -123,19 +122,9 @@ class Observer:
 
 @contextlib.contextmanager
 def observer(name: str = 'planning_observer') -> Iterator[Observer]:
-    """
-    Spin an :class:`Observer` node in a background thread for the block's duration.
-
-    The test process's objects (torch, earlier tests) are frozen meanwhile, as the node freezes
-    its own: a full garbage collection over them would stall the observer's receive times.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        with background_node(name) as node:
-            yield Observer(node)
-    finally:
-        gc.unfreeze()
+    """Spin an :class:`Observer` node in a background thread for the block's duration."""
+    with frozen_heap(), background_node(name) as node:
+        yield Observer(node)
 
 
 @contextlib.contextmanager

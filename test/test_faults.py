@@ -112,12 +112,13 @@ def rig(endpoint: str, **parameters: object) -> Iterator[Rig]:
     The camera stops first; then every processed frame must come out decided and fused.
     """
     params = {'deadline_ms': DEADLINE_MS, 'cloud.endpoints': f'["{endpoint}"]', **parameters}
-    with observer() as observed, logged_detector(**params) as node, \
-            running(camera_command(rate_hz=RATE_HZ)) as camera:
-        setup = Rig(observed, node)
-        yield setup
-        stop(camera)
-        setup.counters = wait_until_quiet(observed)
+    with observer() as observed, logged_detector(**params) as node:
+        observed.wait_for_node_outputs()
+        with running(camera_command(rate_hz=RATE_HZ)) as camera:
+            setup = Rig(observed, node)
+            yield setup
+            stop(camera)
+            setup.counters = wait_until_quiet(observed)
 
 
 def report(request: pytest.FixtureRequest, setup: Rig, timing: Timing, fault: str,

@@ -133,22 +133,23 @@ def soak(duration_s: float, tmp_path: Path) -> None:
               '--wait-for-subscribers', '2']
     params = {'deadline_ms': DEADLINE_MS, 'deadline_reference': 'arrival',
               'cloud.endpoints': f'["127.0.0.1:{port}"]'}
-    with observer() as observed, detector(**params) as node, \
-            running(replay, stdout=subprocess.DEVNULL) as player:
-        for index in range(max(2, round(duration_s / FLAP_S))):
-            phase = Phase(index % 2 == 0, len(observed.decisions))
-            phases.append(phase)
-            start = time.monotonic()
-            if phase.cloud_up:
-                with cloud_server(port):
+    with observer() as observed, detector(**params) as node:
+        observed.wait_for_node_outputs()
+        with running(replay, stdout=subprocess.DEVNULL) as player:
+            for index in range(max(2, round(duration_s / FLAP_S))):
+                phase = Phase(index % 2 == 0, len(observed.decisions))
+                phases.append(phase)
+                start = time.monotonic()
+                if phase.cloud_up:
+                    with cloud_server(port):
+                        _hold(start)
+                else:
                     _hold(start)
-            else:
-                _hold(start)
-            phase.seconds = time.monotonic() - start
-            phase.last = len(observed.decisions)
-            phase.footprint = settled_footprint(node.pid)
-        stop(player)
-        counters = wait_until_quiet(observed, timeout=60)
+                phase.seconds = time.monotonic() - start
+                phase.last = len(observed.decisions)
+                phase.footprint = settled_footprint(node.pid)
+            stop(player)
+            counters = wait_until_quiet(observed, timeout=60)
     leaked = leaked_shm(shm_before)
     lateness, problems = receive_lateness(observed)
     report = _report(duration_s, phases, observed, counters, lateness, problems, leaked)
