@@ -256,3 +256,17 @@ def test_shift_clock_keeps_the_remaining_budget_and_restarts_ordering(arbiter):
 def test_negative_tolerance_is_refused():
     with pytest.raises(ValueError, match='tolerance'):
         Arbiter(stamp_backstep_tolerance_ns=-1)
+
+
+def test_a_call_is_wanted_until_its_source_resolves_or_is_asked_to_cancel(arbiter):
+    """A hedge started after the decision must be cancelled: wants() tells the dispatcher."""
+    key = open_frame(arbiter, sources=(LOCAL, CLOUD, EDGE))
+    assert arbiter.wants(key, 'cloud') and arbiter.wants(key, 'edge')
+    out = arbiter.arrive(key, 'cloud', dets(2), 30 * MS)
+    assert out.decisions and (key, 'edge') in out.cancel
+    assert not arbiter.wants(key, 'cloud')  # arrived
+    assert not arbiter.wants(key, 'edge')  # asked to cancel, not yet cancelled
+    assert arbiter.is_pending(key, 'edge')
+    arbiter.arrive(key, 'local', dets(1), 40 * MS)
+    arbiter.cancelled(key, 'edge', 41 * MS)
+    assert not arbiter.wants(key, 'edge')  # the frame is settled and forgotten

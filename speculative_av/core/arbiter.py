@@ -243,6 +243,14 @@ class Arbiter:
         race = self._races.get(key)
         return race is not None and race.attempts[source].state is SourceState.PENDING
 
+    def wants(self, key: FrameKey, source: str) -> bool:
+        """Return whether a call for ``source`` should still run: pending, no cancel asked."""
+        race = self._races.get(key)
+        if race is None:
+            return False
+        attempt = race.attempts[source]
+        return attempt.state is SourceState.PENDING and not attempt.cancel_requested
+
     def open_frames(self) -> int:
         """Return the number of frames not yet fully resolved."""
         return len(self._races)
