@@ -36,13 +36,14 @@ from speculative_av.cloud import generate_protos
 from speculative_av.cloud.client import CloudEndpoint, CloudReply
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
-from speculative_av.detectors.torchvision_detector import TorchvisionDetector
+from speculative_av.detectors.torchvision_detector import coco_categories, TorchvisionDetector
 
 MODEL = 'ssdlite320_mobilenet_v3_large'
 SERVICE = 'speculative_av.v1.CloudDetector'
 EXTRA_LATENCY_MS = 400.0
 STARTUP_TIMEOUT_S = 60.0
 PLAINTEXT = ChannelSecurity.insecure()  # these servers listen on loopback only
+CATEGORIES = coco_categories()  # the vehicle's label map: the servers' random SSDlite has it
 
 
 class ServerProcess:
@@ -249,7 +250,7 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
         assert {m.name for m in service.methods} == {'Detect', 'GetModelInfo'}
-    with CloudEndpoint('plain', target, security=PLAINTEXT) as endpoint:
+    with CloudEndpoint('plain', target, security=PLAINTEXT, categories=CATEGORIES) as endpoint:
         info = endpoint.model_info(timeout_s=5.0)
     assert info is not None
     assert (info.model_name, info.model_version, info.device) == (MODEL, 'random', 'cpu')
@@ -305,7 +306,8 @@ def test_submit_replies_cancel_and_timeout(servers: dict[str, ServerProcess],
                                            local_detector: TorchvisionDetector,
                                            image: np.ndarray) -> None:
     frame = codec.encode_frame(image)
-    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT) as endpoint:
+    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT,
+                       categories=CATEGORIES) as endpoint:
         wait_until(lambda: endpoint.healthy, 10.0, 'the slow endpoint to be healthy')
         cancelled, timed_out, answered = Replies(), Replies(), Replies()
         future = endpoint.submit(frame, 'f1', 1, 30.0, 0, cancelled)
@@ -336,8 +338,9 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     def note(name: str, old: str, new: str, error: str) -> None:
         changes.append((old, new))
 
-    with CloudEndpoint('late', target, security=PLAINTEXT, backoff_initial_s=0.05,
-                       backoff_max_s=0.4, on_health_change=note) as endpoint:
+    with CloudEndpoint('late', target, security=PLAINTEXT, categories=CATEGORIES,
+                       backoff_initial_s=0.05, backoff_max_s=0.4,
+                       on_health_change=note) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy
         assert endpoint.health().next_check_in_s >= 0.2  # 0.05 -> 0.1 -> 0.2 -> 0.4
