@@ -87,13 +87,15 @@ class CloudEndpoint(Endpoint[NativeModel]):
         except grpc.RpcError as exc:
             raise VerificationError(f'GetModelInfo failed: {error_text(exc)}') from None
         categories = list(info.categories)
-        mapping = label_mapping(categories, self._categories)
+        # Equal lists map id to id, also classes that share a name (COCO's ten 'N/A').
+        mapping = (np.arange(len(categories)) if categories == self._categories
+                   else label_mapping(categories, self._categories))
         if not (mapping >= 0).any():
             raise VerificationError(
                 f'{info.model_name} {info.model_version}: none of its {len(categories)} '
                 'categories is a local one')
         unknown = [c for c, m in zip(categories, mapping) if m < 0]
-        if unknown or categories != self._categories:
+        if categories != self._categories:
             _LOG.warning('%s: %s %s uses another label map; its labels are translated by name, '
                          'and these classes are dropped: %s', self._name, info.model_name,
                          info.model_version, unknown)
