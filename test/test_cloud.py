@@ -49,17 +49,22 @@ CATEGORIES = coco_categories()  # the vehicle's label map: the servers' random S
 class ServerProcess:
     """A cloud server in its own OS process, logging to a file."""
 
+    READY = r'cloud_server listening on (\S+:\d+)\n'  # its first stdout line
+
     def __init__(self, log_path: Path, *args: str, port: int = 0,
                  security: tuple[str, ...] = ('--insecure',)) -> None:
         """Start it; ``security`` are its security options (default: plaintext on loopback)."""
         self.log_path = log_path
         with log_path.open('w') as log:
-            self.process = subprocess.Popen(
-                [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
-                 '--port', str(port), '--model', MODEL, '--weights', 'random',
-                 '--score-threshold', '0.0', *security, *args],
-                stdout=subprocess.PIPE, stderr=log, text=True)
+            self.process = subprocess.Popen(self.command(port, (*security, *args)),
+                                            stdout=subprocess.PIPE, stderr=log, text=True)
         self._target = ''
+
+    def command(self, port: int, args: tuple[str, ...]) -> list[str]:
+        """Return the server's command line."""
+        return [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
+                '--port', str(port), '--model', MODEL, '--weights', 'random',
+                '--score-threshold', '0.0', *args]
 
     @property
     def target(self) -> str:
@@ -68,7 +73,7 @@ class ServerProcess:
             assert self.process.stdout is not None
             ready, _, _ = select.select([self.process.stdout], [], [], STARTUP_TIMEOUT_S)
             line = self.process.stdout.readline() if ready else ''
-            match = re.fullmatch(r'cloud_server listening on (\S+:\d+)\n', line)
+            match = re.fullmatch(self.READY, line)
             assert match, f'no listening line ({line!r}); log:\n{self.log()}'
             self._target = match.group(1)
         return self._target
@@ -300,6 +305,10 @@ class Replies:
     def __call__(self, reply: CloudReply) -> None:
         with self._lock:
             self.items.append(reply)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.items)
 
 
 def test_submit_replies_cancel_and_timeout(servers: dict[str, ServerProcess],

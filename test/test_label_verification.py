@@ -16,8 +16,7 @@ from speculative_av.cloud.client import CloudEndpoint
 from speculative_av.core.detections import Detections, label_mapping
 from speculative_av.detectors.torchvision_detector import save_checkpoint, TorchvisionDetector
 from test_cloud import (_free_port, assert_same, CATEGORIES, image, local_detector,  # noqa: F401
-                        PLAINTEXT, ServerProcess, STARTUP_TIMEOUT_S)
-from test_oip_endpoint import Replies
+                        PLAINTEXT, Replies, ServerProcess, STARTUP_TIMEOUT_S)
 
 REVERSED = CATEGORIES[::-1]
 

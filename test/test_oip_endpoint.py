@@ -9,12 +9,8 @@ in for Triton, whose own race test runs the node against a real ``tritonserver``
 from __future__ import annotations
 
 from pathlib import Path
-import re
-import select
 import signal
-import subprocess
 import sys
-import threading
 
 import grpc
 import numpy as np
@@ -23,68 +19,29 @@ from ros_harness import wait_until
 from speculative_av.cloud import codec
 from speculative_av.cloud import open_inference_pb2 as oip
 from speculative_av.cloud import open_inference_pb2_grpc as oip_grpc
-from speculative_av.cloud.endpoint import CloudReply
 from speculative_av.cloud.endpoint_factory import open_endpoint
 from speculative_av.cloud.endpoints import EndpointSpec
 from speculative_av.cloud.oip_client import OipEndpoint
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from test_cloud import (_free_port, assert_same, CATEGORIES, image, local_detector,  # noqa: F401
-                        PLAINTEXT, STARTUP_TIMEOUT_S)
+                        PLAINTEXT, Replies, ServerProcess, STARTUP_TIMEOUT_S)
 
 HELPER = Path(__file__).resolve().parent / 'helpers' / 'oip_server.py'
 
 
-class OipServer:
-    """The v2 test server in its own process."""
+class OipServer(ServerProcess):
+    """The v2 test server in its own process (``port`` 0: a free one)."""
+
+    READY = r'oip_server ready grpc=(\S+:\d+) model=\S+\n'
 
     def __init__(self, log_path: Path, *args: str, port: int = 0) -> None:
-        """Start it on ``port`` (0: a free one)."""
-        self.log_path = log_path
-        with log_path.open('w') as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(HELPER), '--port', str(port), *args],
-                stdout=subprocess.PIPE, stderr=log, text=True)
-        self._target = ''
+        """Start it; it serves plaintext on loopback only."""
+        super().__init__(log_path, *args, port=port, security=())
 
-    @property
-    def target(self) -> str:
-        """Return 'host:port' from the ready line (waiting for it)."""
-        if not self._target:
-            assert self.process.stdout is not None
-            ready, _, _ = select.select([self.process.stdout], [], [], STARTUP_TIMEOUT_S)
-            line = self.process.stdout.readline() if ready else ''
-            match = re.fullmatch(r'oip_server ready grpc=(\S+:\d+) model=\S+\n', line)
-            assert match, f'no ready line ({line!r}); log:\n{self.log_path.read_text()}'
-            self._target = match.group(1)
-        return self._target
-
-    def terminate(self) -> int:
-        """Stop it with SIGTERM; return its exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10.0)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-class Replies:
-    """Collect on_done calls from gRPC threads."""
-
-    def __init__(self) -> None:
-        self.items: list[CloudReply] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, reply: CloudReply) -> None:
-        with self._lock:
-            self.items.append(reply)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.items)
+    def command(self, port: int, args: tuple[str, ...]) -> list[str]:
+        """Return the helper's command line."""
+        return [sys.executable, str(HELPER), '--port', str(port), *args]
 
 
 def _expected(detector: TorchvisionDetector, frame: codec.EncodedFrame) -> Detections:
