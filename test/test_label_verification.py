@@ -6,13 +6,19 @@ of the local detector under other category lists, so a reply's labels show which
 """
 from __future__ import annotations
 
+from concurrent import futures
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
 import numpy as np
 import pytest
 from ros_harness import wait_until
 from speculative_av.cloud import codec
-from speculative_av.cloud.client import CloudEndpoint
+from speculative_av.cloud import detection_pb2
+from speculative_av.cloud.client import CloudEndpoint, SERVICE_NAME
 from speculative_av.core.detections import Detections, label_mapping
 from speculative_av.detectors.torchvision_detector import save_checkpoint, TorchvisionDetector
 from test_cloud import (_free_port, assert_same, CATEGORIES, image, local_detector,  # noqa: F401
@@ -94,3 +100,38 @@ def test_a_model_sharing_no_class_with_the_vehicle_is_never_healthy(
             assert replies.items[0].error == 'labels not verified'
     finally:
         server.terminate()
+
+
+def test_a_reply_from_another_model_is_refused_and_the_model_verified_again() -> None:
+    """A server whose Detect names another model than its GetModelInfo (a swap behind a proxy)."""
+    info = detection_pb2.ModelInfo(model_name='a', model_version='1', categories=CATEGORIES)
+    answer = detection_pb2.DetectResponse(model_name='b', model_version='1')
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+            lambda request, context: info.SerializeToString(), request_deserializer=bytes,
+            response_serializer=bytes),
+        'Detect': grpc.unary_unary_rpc_method_handler(
+            lambda request, context: answer.SerializeToString(), request_deserializer=bytes,
+            response_serializer=bytes)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
+    servicer = health.HealthServicer()
+    servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port('127.0.0.1:0')
+    server.start()
+    states: list[str] = []
+    try:
+        with CloudEndpoint('cloud', f'127.0.0.1:{port}', security=PLAINTEXT,
+                           categories=CATEGORIES, backoff_initial_s=0.05,
+                           on_health_change=lambda n, o, new, e: states.append(new)
+                           ) as endpoint:
+            wait_until(lambda: endpoint.healthy, 10.0, 'the endpoint to serve')
+            replies = Replies()
+            endpoint.submit(codec.encode_frame(np.zeros((64, 64, 3), np.uint8)), 'f', 0, 10.0,
+                            0, replies)
+            wait_until(replies.count, 10.0, 'the reply')
+            assert replies.items[0].error == 'model changed: b 1 answered, a 1 was verified'
+            wait_until(lambda: states.count('SERVING') == 2, 10.0, 'verified again')
+    finally:
+        server.stop(0).wait()
+    assert states[:3] == ['SERVING', 'UNVERIFIED', 'SERVING'], states
