@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 import signal
 import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -180,3 +182,52 @@ def test_v2_endpoint_finds_a_server_that_starts_after_it(tmp_path: Path) -> None
         finally:
             assert server.terminate() == 0
         wait_until(lambda: not endpoint.healthy, 5.0, 'the stopped server to be noticed')
+
+
+def _ready_since(target: str, stop: threading.Event, seen: list[float]) -> None:
+    """Poll the model's readiness on a channel of its own every 10 ms; note the first ready."""
+    with grpc.insecure_channel(target, options=[('grpc.initial_reconnect_backoff_ms', 10),
+                                                ('grpc.max_reconnect_backoff_ms', 10)]) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        while not stop.is_set() and not seen:
+            try:
+                ready = stub.ModelReady(oip.ModelReadyRequest(name='speculative_detector'),
+                                        timeout=0.5).ready
+            except grpc.RpcError:
+                ready = False
+            if ready:
+                seen.append(time.monotonic())
+            stop.wait(0.01)
+
+
+def test_a_killed_v2_server_is_noticed_at_once_and_a_restarted_one_within_a_second(
+        tmp_path: Path) -> None:
+    port = _free_port()
+    became: dict[str, list[float]] = {}
+    first = OipServer(tmp_path / 'first.log', port=port)
+    try:
+        with OipEndpoint('v2', first.target, security=PLAINTEXT, categories=CATEGORIES,
+                         on_health_change=lambda n, o, new, e: became.setdefault(
+                             new, []).append(time.monotonic())) as endpoint:
+            wait_until(lambda: endpoint.healthy, STARTUP_TIMEOUT_S, 'the endpoint to serve')
+            killed = time.monotonic()
+            first.process.kill()
+            wait_until(lambda: endpoint.health_state == 'UNREACHABLE', 5.0, 'the loss')
+            noticed_s = became['UNREACHABLE'][-1] - killed
+            stop, ready = threading.Event(), []
+            second = OipServer(tmp_path / 'second.log', port=port)
+            probe = threading.Thread(target=_ready_since, args=(first.target, stop, ready))
+            probe.start()
+            try:
+                wait_until(lambda: bool(ready), STARTUP_TIMEOUT_S, 'the restarted server')
+                wait_until(lambda: endpoint.healthy, 5.0, 'the endpoint to recover')
+            finally:
+                stop.set()
+                probe.join()
+                second.terminate()
+            recovered_s = became['SERVING'][-1] - ready[0]
+    finally:
+        first.terminate()
+    print(f'\nv2: killed server noticed after {noticed_s * 1e3:.0f} ms; restarted server '
+          f'verified and raced again {recovered_s * 1e3:.0f} ms after it was ready')
+    assert noticed_s < 1.0 and recovered_s < 1.0
