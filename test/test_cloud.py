@@ -36,29 +36,35 @@ from speculative_av.cloud import generate_protos
 from speculative_av.cloud.client import CloudEndpoint, CloudReply
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
-from speculative_av.detectors.torchvision_detector import TorchvisionDetector
+from speculative_av.detectors.torchvision_detector import coco_categories, TorchvisionDetector
 
 MODEL = 'ssdlite320_mobilenet_v3_large'
 SERVICE = 'speculative_av.v1.CloudDetector'
 EXTRA_LATENCY_MS = 400.0
 STARTUP_TIMEOUT_S = 60.0
 PLAINTEXT = ChannelSecurity.insecure()  # these servers listen on loopback only
+CATEGORIES = coco_categories()  # the vehicle's label map: the servers' random SSDlite has it
 
 
 class ServerProcess:
     """A cloud server in its own OS process, logging to a file."""
+
+    READY = r'cloud_server listening on (\S+:\d+)\n'  # its first stdout line
 
     def __init__(self, log_path: Path, *args: str, port: int = 0,
                  security: tuple[str, ...] = ('--insecure',)) -> None:
         """Start it; ``security`` are its security options (default: plaintext on loopback)."""
         self.log_path = log_path
         with log_path.open('w') as log:
-            self.process = subprocess.Popen(
-                [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
-                 '--port', str(port), '--model', MODEL, '--weights', 'random',
-                 '--score-threshold', '0.0', *security, *args],
-                stdout=subprocess.PIPE, stderr=log, text=True)
+            self.process = subprocess.Popen(self.command(port, (*security, *args)),
+                                            stdout=subprocess.PIPE, stderr=log, text=True)
         self._target = ''
+
+    def command(self, port: int, args: tuple[str, ...]) -> list[str]:
+        """Return the server's command line."""
+        return [sys.executable, '-m', 'speculative_av.cloud.server', '--host', '127.0.0.1',
+                '--port', str(port), '--model', MODEL, '--weights', 'random',
+                '--score-threshold', '0.0', *args]
 
     @property
     def target(self) -> str:
@@ -67,7 +73,7 @@ class ServerProcess:
             assert self.process.stdout is not None
             ready, _, _ = select.select([self.process.stdout], [], [], STARTUP_TIMEOUT_S)
             line = self.process.stdout.readline() if ready else ''
-            match = re.fullmatch(r'cloud_server listening on (\S+:\d+)\n', line)
+            match = re.fullmatch(self.READY, line)
             assert match, f'no listening line ({line!r}); log:\n{self.log()}'
             self._target = match.group(1)
         return self._target
@@ -249,7 +255,7 @@ def test_health_reflection_and_model_info(servers: dict[str, ServerProcess]) -> 
         assert {SERVICE, 'grpc.health.v1.Health'} <= set(database.get_services())
         service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE)
         assert {m.name for m in service.methods} == {'Detect', 'GetModelInfo'}
-    with CloudEndpoint('plain', target, security=PLAINTEXT) as endpoint:
+    with CloudEndpoint('plain', target, security=PLAINTEXT, categories=CATEGORIES) as endpoint:
         info = endpoint.model_info(timeout_s=5.0)
     assert info is not None
     assert (info.model_name, info.model_version, info.device) == (MODEL, 'random', 'cpu')
@@ -300,12 +306,17 @@ class Replies:
         with self._lock:
             self.items.append(reply)
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self.items)
+
 
 def test_submit_replies_cancel_and_timeout(servers: dict[str, ServerProcess],
                                            local_detector: TorchvisionDetector,
                                            image: np.ndarray) -> None:
     frame = codec.encode_frame(image)
-    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT) as endpoint:
+    with CloudEndpoint('slow', servers['slow'].target, security=PLAINTEXT,
+                       categories=CATEGORIES) as endpoint:
         wait_until(lambda: endpoint.healthy, 10.0, 'the slow endpoint to be healthy')
         cancelled, timed_out, answered = Replies(), Replies(), Replies()
         future = endpoint.submit(frame, 'f1', 1, 30.0, 0, cancelled)
@@ -336,8 +347,9 @@ def test_endpoint_health_backoff_and_server_lifecycle(tmp_path: Path,
     def note(name: str, old: str, new: str, error: str) -> None:
         changes.append((old, new))
 
-    with CloudEndpoint('late', target, security=PLAINTEXT, backoff_initial_s=0.05,
-                       backoff_max_s=0.4, on_health_change=note) as endpoint:
+    with CloudEndpoint('late', target, security=PLAINTEXT, categories=CATEGORIES,
+                       backoff_initial_s=0.05, backoff_max_s=0.4,
+                       on_health_change=note) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 3, 10.0, 'failed polls')
         assert endpoint.health_state == 'UNREACHABLE' and not endpoint.healthy
         assert endpoint.health().next_check_in_s >= 0.2  # 0.05 -> 0.1 -> 0.2 -> 0.4

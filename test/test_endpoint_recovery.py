@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ros_harness import wait_until
 from speculative_av.cloud.client import CloudEndpoint
-from test_cloud import _free_port, PLAINTEXT, ServerProcess, SERVICE, STARTUP_TIMEOUT_S
+from test_cloud import (_free_port, CATEGORIES, PLAINTEXT, ServerProcess, SERVICE,
+                        STARTUP_TIMEOUT_S)
 
 
 def _serving_since(target: str, stop: threading.Event, seen: list[float]) -> None:
@@ -39,7 +40,8 @@ def test_a_killed_server_is_noticed_at_once_and_a_restarted_one_within_a_second(
     first = ServerProcess(tmp_path / 'first.log', port=port)
     try:
         first.wait_serving()
-        with CloudEndpoint('cloud', target, security=PLAINTEXT, on_health_change=note) as endpoint:
+        with CloudEndpoint('cloud', target, security=PLAINTEXT, categories=CATEGORIES,
+                           on_health_change=note) as endpoint:
             wait_until(lambda: endpoint.healthy, 10.0, 'the endpoint to serve')
             killed = time.monotonic()
             first.process.kill()  # no goodbye: the connection just breaks

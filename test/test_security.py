@@ -42,6 +42,7 @@ from speculative_av.cloud.security import (
     ChannelSecurity, client_identity, ConcurrencyLimiter, Denial, load_tokens, METHODS,
     SecurityError, SecurityInterceptor, ServerSecurity, TokenAuthority)
 from speculative_av.cloud.server import parse_args
+from speculative_av.detectors.torchvision_detector import coco_categories
 from test_cloud import ServerProcess, STARTUP_TIMEOUT_S
 
 SERVICE = 'speculative_av.v1.CloudDetector'
@@ -510,7 +511,8 @@ def test_cloud_endpoint_over_tls_with_token_is_healthy_and_answers(
         token_file=pki.token_file(pki.tokens['car-2'], 'car-2'))
     frame = codec.encode_frame(codec.decode_request_image(detect_request))
     replies: list[CloudReply] = []
-    with CloudEndpoint('secure', servers['token'].target, security=security) as endpoint:
+    with CloudEndpoint('secure', servers['token'].target, security=security,
+                       categories=coco_categories()) as endpoint:
         wait_until(lambda: endpoint.healthy, 10.0, 'the secure endpoint to be healthy')
         info = endpoint.model_info(timeout_s=10.0)
         endpoint.submit(frame, 'f1', 1, 30.0, 0, replies.append)
@@ -519,6 +521,7 @@ def test_cloud_endpoint_over_tls_with_token_is_healthy_and_answers(
     assert replies[0].ok and replies[0].round_trip_ms >= EXTRA_LATENCY_MS, replies[0]
     plaintext = ChannelSecurity.insecure()
     with CloudEndpoint('plain', servers['token'].target, security=plaintext,
+                       categories=coco_categories(),
                        backoff_initial_s=0.05, backoff_max_s=0.2) as endpoint:
         wait_until(lambda: endpoint.health().consecutive_failures >= 2, 10.0, 'failed polls')
         assert not endpoint.healthy

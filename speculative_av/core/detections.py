@@ -49,9 +49,9 @@ class Detections:
         return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
 
     def relabeled(self, mapping: npt.NDArray[np.int64]) -> Detections:
-        """Translate labels through ``mapping`` (old id -> new id); drop those mapped to -1."""
+        """Translate labels through ``mapping`` (old id -> new id); drop unmapped and -1 ones."""
         new = np.full(len(self.labels), -1, np.int64)
-        known = self.labels < len(mapping)
+        known = (self.labels >= 0) & (self.labels < len(mapping))
         new[known] = mapping[self.labels[known]]
         keep = new >= 0
         return Detections(self.boxes[keep], self.scores[keep], new[keep])

@@ -14,7 +14,7 @@ of a zombie living on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 import gc
 import signal
@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from types import FrameType
-from typing import Callable
+from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import grpc
@@ -42,14 +42,15 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import Subscription
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
-from speculative_av.cloud.client import CloudEndpoint, CloudReply, SERVING
 from speculative_av.cloud.codec import encode_frame
+from speculative_av.cloud.endpoint import CloudReply, Endpoint, SERVING
+from speculative_av.cloud.endpoint_factory import open_endpoint
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
-from speculative_av.core.detections import Detections, label_mapping
+from speculative_av.core.detections import Detections
 from speculative_av.core.stats import percentile, SpeculationStats
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
@@ -159,8 +160,9 @@ class SpeculativeDetector(LifecycleNode):
                 read_only=True, value_range=(0, 1024))
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
-                "Cloud detectors as '[name=]host:port[@priority]'; local has priority 0, "
-                'cloud defaults to 10.', read_only=True)
+                "Cloud detectors as '[name=]host:port[@priority]' (native protocol) or "
+                "'[name=]kserve://host:port/model[@priority]' (Open Inference Protocol, e.g. "
+                'Triton); local has priority 0, cloud defaults to 10.', read_only=True)
         declare(self, 'cloud.jpeg_quality', 80, 'JPEG quality of frames sent to the cloud.',
                 value_range=(1, 100))
         declare(self, 'cloud.max_image_side', 0,
@@ -198,9 +200,8 @@ class SpeculativeDetector(LifecycleNode):
         self._slots: LatestFrameSlots[_Frame] = LatestFrameSlots()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._endpoints: list[CloudEndpoint] = []
+        self._endpoints: list[Endpoint[Any]] = []
         self._sources: dict[str, Source] = {}
-        self._label_maps: dict[str, npt.NDArray[np.int64] | None] = {}
         self._running = False
         self._cameras: list[_Camera] = []
         self._detector: TorchvisionDetector | None = None
@@ -250,11 +251,11 @@ class SpeculativeDetector(LifecycleNode):
                 'cloud.insecure is true: frames go to the cloud in PLAINTEXT, without TLS or '
                 'token; use this only for a server on this machine or a trusted network')
         self._health_changes = {s.name: 0 for s in specs}
-        self._endpoints = [CloudEndpoint(s.name, s.target, security=security,
+        self._endpoints = [open_endpoint(s, security=security,
+                                         categories=self._detector.categories,
                                          on_health_change=self._on_health_change)
                            for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
-        self._label_maps = {e.name: self._cloud_label_map(e) for e in self._endpoints}
         self.get_logger().info(
             f'local detector {self._detector.model_name} ({self._detector.model_version}) on '
             f'{self._detector.device}; cloud: '
@@ -277,25 +278,6 @@ class SpeculativeDetector(LifecycleNode):
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         return TransitionCallbackReturn.SUCCESS
-
-    def _cloud_label_map(self, endpoint: CloudEndpoint) -> npt.NDArray[np.int64] | None:
-        """Return how the endpoint's label ids map to the local ones (None: they are equal)."""
-        assert self._detector is not None
-        info = endpoint.model_info(timeout_s=2.0)
-        local = self._detector.categories
-        if info is None:
-            self.get_logger().warning(
-                f'cloud endpoint {endpoint.name} did not answer GetModelInfo; assuming it uses '
-                'the local label map')
-            return None
-        if list(info.categories) == local:
-            return None
-        mapping = label_mapping(list(info.categories), local)
-        unknown = [c for c, m in zip(info.categories, mapping) if m < 0]
-        self.get_logger().warning(
-            f'cloud endpoint {endpoint.name} ({info.model_name}) uses another label map; its '
-            f'labels are translated by name, and these classes are dropped: {unknown}')
-        return mapping
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the worker and deadline threads."""
@@ -495,7 +477,7 @@ class SpeculativeDetector(LifecycleNode):
             self._apply(partial(self._abandon, key, repr(error)))
 
     def _race(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
-              stamp_ns: int, deadline_ns: int, endpoints: list[CloudEndpoint],
+              stamp_ns: int, deadline_ns: int, endpoints: list[Endpoint[Any]],
               began: float) -> None:
         """Send the frame to the cloud endpoints, then run the local detector on it."""
         assert self._detector is not None
@@ -519,7 +501,7 @@ class SpeculativeDetector(LifecycleNode):
             self._stats.overhead_ms.append((time.perf_counter() - began - inference_s) * 1e3)
 
     def _dispatch(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
-                  stamp_ns: int, deadline_ns: int, endpoints: list[CloudEndpoint]) -> None:
+                  stamp_ns: int, deadline_ns: int, endpoints: list[Endpoint[Any]]) -> None:
         encoded = encode_frame(rgb, jpeg_quality=self.get_parameter('cloud.jpeg_quality').value,
                                max_image_side=self.get_parameter('cloud.max_image_side').value)
         for endpoint in endpoints:
@@ -550,9 +532,6 @@ class SpeculativeDetector(LifecycleNode):
 
     def _cloud_outcome(self, key: FrameKey, reply: CloudReply) -> None:
         inflight = self._inflight.get(key)
-        mapping = self._label_maps.get(reply.endpoint)
-        if reply.ok and mapping is not None:
-            reply = replace(reply, detections=reply.detections.relabeled(mapping))
         if reply.ok:
             if inflight is not None:
                 cloud_msg = detections_msg(reply.detections, inflight.header)

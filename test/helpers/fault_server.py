@@ -13,6 +13,9 @@ KIND is one of
 * ``oversized``: health SERVING, and every Detect reply is a valid DetectResponse larger than the
   node's 16 MiB receive limit.
 
+Both gRPC kinds answer GetModelInfo with the COCO categories of the node's detector, so the
+node's label check passes and frames reach the fault.
+
 Prints ``fault_server listening on 127.0.0.1:PORT`` once ready, runs until SIGINT or SIGTERM,
 then prints a summary line (``requests=N``) to stderr and exits with 0.
 """
@@ -29,6 +32,7 @@ from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from speculative_av.cloud import detection_pb2
+from speculative_av.detectors.torchvision_detector import coco_categories
 
 SERVICE_NAME = detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].full_name
 OVERSIZED_BYTES = 17 * 1024 * 1024
@@ -69,6 +73,8 @@ def grpc_fault(kind: str, port: int, stop: threading.Event, counter: Counter) ->
     """Serve health SERVING and a Detect that hangs (hung-detect) or answers too big."""
     oversized = detection_pb2.DetectResponse(
         model_name='x' * OVERSIZED_BYTES).SerializeToString()
+    model_info = detection_pb2.ModelInfo(model_name=f'fault-{kind}',
+                                         categories=coco_categories()).SerializeToString()
 
     def detect(request: bytes, context: grpc.ServicerContext) -> bytes:
         counter.add()
@@ -80,7 +86,10 @@ def grpc_fault(kind: str, port: int, stop: threading.Event, counter: Counter) ->
 
     handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
         'Detect': grpc.unary_unary_rpc_method_handler(
-            detect, request_deserializer=bytes, response_serializer=bytes)})
+            detect, request_deserializer=bytes, response_serializer=bytes),
+        'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+            lambda request, context: model_info, request_deserializer=bytes,
+            response_serializer=bytes)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
                          handlers=[handler], maximum_concurrent_rpcs=64)
     servicer = health.HealthServicer()
