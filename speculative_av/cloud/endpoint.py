@@ -13,7 +13,7 @@ not :attr:`Endpoint.healthy`.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import logging
 import threading
 import time
@@ -21,8 +21,8 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 
 import grpc
 from speculative_av.cloud.codec import EncodedFrame
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.security import ChannelSecurity
-from speculative_av.core.detections import Detections
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,22 +32,6 @@ UNREACHABLE = 'UNREACHABLE'
 UNVERIFIED = 'UNVERIFIED'  # the server serves, but its model failed the label/contract check
 UNKNOWN = 'UNKNOWN'
 VERIFY_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class CloudReply:
-    """The outcome of one call; ``detections`` in original image coordinates and local ids."""
-
-    endpoint: str
-    ok: bool
-    detections: Detections = field(default_factory=Detections.empty)
-    error: str = ''
-    server_inference_ms: float = 0.0
-    server_queue_ms: float = 0.0
-    model_name: str = ''
-    model_version: str = ''
-    frame_id: str = ''
-    round_trip_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +79,8 @@ class Endpoint(abc.ABC, Generic[ModelT]):
                  categories: list[str], max_message_mb: int = 16,
                  backoff_initial_s: float = 0.25, backoff_max_s: float = 5.0,
                  reconnect_max_s: float = 0.8, clock: Callable[[], float] = time.monotonic,
-                 on_health_change: HealthListener | None = None) -> None:
+                 on_health_change: HealthListener | None = None,
+                 private_connection: bool = False) -> None:
         """
         Open the channel to ``target`` ('host:port'); subclasses then call :meth:`_start`.
 
@@ -106,7 +91,9 @@ class Endpoint(abc.ABC, Generic[ModelT]):
         ``reconnect_max_s`` (plus gRPC's 20 % jitter), which bounds how long a server that is
         back goes unnoticed. ``on_health_change`` is called on every state change, on the
         endpoint's thread. ``security`` has no default: plaintext
-        (:meth:`ChannelSecurity.insecure`) must be a choice.
+        (:meth:`ChannelSecurity.insecure`) must be a choice. gRPC shares one connection
+        between channels to the same target; ``private_connection`` gives this endpoint its
+        own, as a separate vehicle has (``fleet_load`` simulates many in one process).
         """
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError('need 0 < backoff_initial_s <= backoff_max_s, got '
@@ -137,6 +124,7 @@ class Endpoint(abc.ABC, Generic[ModelT]):
             ('grpc.initial_reconnect_backoff_ms', int(min(backoff_initial_s, reconnect_max_s)
                                                       * 1e3)),
             ('grpc.max_reconnect_backoff_ms', int(reconnect_max_s * 1e3)),
+            *([('grpc.use_local_subchannel_pool', 1)] if private_connection else []),
         ])
         self._lock = threading.Lock()
         now = clock()

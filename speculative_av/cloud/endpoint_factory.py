@@ -11,10 +11,13 @@ from speculative_av.cloud.security import ChannelSecurity
 
 
 def open_endpoint(spec: EndpointSpec, *, security: ChannelSecurity, categories: list[str],
-                  on_health_change: HealthListener | None = None) -> Endpoint[Any]:
+                  on_health_change: HealthListener | None = None,
+                  private_connection: bool = False) -> Endpoint[Any]:
     """Connect to ``spec``'s server; replies come in the label ids of ``categories``."""
     if spec.protocol == KSERVE:
         return OipEndpoint(spec.name, spec.target, model=spec.model, security=security,
-                           categories=categories, on_health_change=on_health_change)
+                           categories=categories, on_health_change=on_health_change,
+                           private_connection=private_connection)
     return CloudEndpoint(spec.name, spec.target, security=security, categories=categories,
-                         on_health_change=on_health_change)
+                         on_health_change=on_health_change,
+                         private_connection=private_connection)

@@ -8,7 +8,7 @@ from speculative_av.core.detections import Detections
 
 @dataclass(frozen=True)
 class CloudReply:
-    """The outcome of one Detect call; ``detections`` are in original image coordinates."""
+    """The outcome of one call; ``detections`` in original image coordinates and local ids."""
 
     endpoint: str
     ok: bool

@@ -26,7 +26,6 @@ from types import FrameType
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-import grpc
 import numpy as np
 import numpy.typing as npt
 from rcl_interfaces.msg import SetParametersResult
@@ -43,7 +42,9 @@ from rclpy.subscription import Subscription
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 from speculative_av.cloud.codec import encode_frame
-from speculative_av.cloud.endpoint import CloudReply, Endpoint, SERVING
+from speculative_av.cloud.dispatch import Call, CloudDispatcher, Plan
+from speculative_av.cloud.endpoint import Endpoint, SERVING
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.endpoint_factory import open_endpoint
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.cloud.security import ChannelSecurity
@@ -115,7 +116,7 @@ class _InFlight:
     camera: _Camera
     header: Header
     rgb: npt.NDArray[np.uint8] | None  # kept only while someone watches debug_image
-    calls: dict[str, grpc.Future]
+    calls: dict[str, Call]
     messages: dict[str, Detection2DArray] = field(default_factory=dict)  # per source, built once
 
 
@@ -169,6 +170,16 @@ class SpeculativeDetector(LifecycleNode):
                 'Downscale frames so their longer side is at most this before sending '
                 '(0 = full size); replies are mapped back to full-size pixels.',
                 value_range=(0, 65_535))
+        declare(self, 'cloud.max_outstanding', 4,
+                'Calls in flight per endpoint; a frame that would wait behind them is not sent '
+                'there (counted as cloud_skipped).', read_only=True, value_range=(1, 1024))
+        declare(self, 'cloud.hedge_after_ms', 0.0,
+                'Also send a frame to a second endpoint of equal priority when the first has '
+                'not answered this long after sending, or failed (0 = never hedge).',
+                read_only=True, value_range=(0.0, 60_000.0))
+        declare(self, 'cloud.hedge_ratio', 0.1,
+                'Hedges may add at most this share of calls (a budget per frame sent).',
+                read_only=True, value_range=(0.0, 0.99))
         declare(self, 'cloud.insecure', False,
                 'Plaintext gRPC without TLS or token (logs a warning): only for a server on this '
                 'machine or a trusted network. Otherwise the link uses TLS.', read_only=True)
@@ -191,7 +202,8 @@ class SpeculativeDetector(LifecycleNode):
         self._arbiter = Arbiter()
         self._stats = SpeculationStats()
         self._counters = {'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0,
-                          'stale_frames': 0, 'frame_errors': 0, 'clock_resets': 0}
+                          'stale_frames': 0, 'frame_errors': 0, 'clock_resets': 0,
+                          'cloud_skipped': 0}
         self._health_changes: dict[str, int] = {}
         self._fatal = ''  # why a thread died; set once, ends the node
         self._fatal_guard = self.create_guard_condition(self._on_fatal)
@@ -201,6 +213,7 @@ class SpeculativeDetector(LifecycleNode):
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._endpoints: list[Endpoint[Any]] = []
+        self._dispatcher: CloudDispatcher | None = None
         self._sources: dict[str, Source] = {}
         self._running = False
         self._cameras: list[_Camera] = []
@@ -256,6 +269,12 @@ class SpeculativeDetector(LifecycleNode):
                                          on_health_change=self._on_health_change)
                            for s in specs]
         self._sources = {s.name: Source(s.name, s.priority) for s in specs}
+        hedge_after_ms = self.get_parameter('cloud.hedge_after_ms').value
+        self._dispatcher = CloudDispatcher(
+            self._endpoints, {s.name: s.priority for s in specs},
+            max_outstanding=self.get_parameter('cloud.max_outstanding').value,
+            hedge_after_s=hedge_after_ms / 1e3 if hedge_after_ms > 0 else None,
+            hedge_ratio=self.get_parameter('cloud.hedge_ratio').value)
         self.get_logger().info(
             f'local detector {self._detector.model_name} ({self._detector.model_version}) on '
             f'{self._detector.device}; cloud: '
@@ -341,6 +360,9 @@ class SpeculativeDetector(LifecycleNode):
         if still_open:
             self.get_logger().warning(
                 f'{len(still_open)} frame(s) unresolved at shutdown:\n' + '\n'.join(still_open))
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
+            self._dispatcher = None
         for endpoint in self._endpoints:
             endpoint.stop()
         self._endpoints = []
@@ -449,15 +471,16 @@ class SpeculativeDetector(LifecycleNode):
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
         start_ns = self._now_ns()
         deadline_ns = self._policy.deadline_ns(stamp_ns, frame.arrival_ns)
-        endpoints = [e for e in self._endpoints if e.healthy] if self.get_parameter(
-            'cloud.enabled').value else []
         with self._lock:
+            plan = (self._dispatcher.plan() if self._dispatcher is not None
+                    and self.get_parameter('cloud.enabled').value else Plan())
             resets = self._arbiter.clock_resets.get(camera.name, 0)
             key = self._arbiter.open(camera.name, stamp_ns, start_ns, deadline_ns,
-                                     [LOCAL, *(self._sources[e.name] for e in endpoints)])
+                                     [LOCAL, *(self._sources[n] for n in plan.sources)])
             if key is None:
                 self._counters['stale_frames'] += 1
                 return
+            self._counters['cloud_skipped'] += len(plan.skipped)
             if self._arbiter.clock_resets.get(camera.name, 0) != resets:
                 self._counters['clock_resets'] += 1
                 self.get_logger().warning(
@@ -469,7 +492,7 @@ class SpeculativeDetector(LifecycleNode):
             self._inflight[key] = inflight
         self._wake.set()
         try:
-            self._race(key, inflight, rgb, stamp_ns, deadline_ns, endpoints, began)
+            self._race(key, inflight, rgb, stamp_ns, deadline_ns, plan, began)
         except Exception as error:  # noqa: B902 (one broken frame must not stop the node)
             self._frame_error(f'frame {stamp_ns / 1e9:.3f} of {inflight.header.frame_id!r}', error)
             for call in list(inflight.calls.values()):
@@ -477,19 +500,18 @@ class SpeculativeDetector(LifecycleNode):
             self._apply(partial(self._abandon, key, repr(error)))
 
     def _race(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
-              stamp_ns: int, deadline_ns: int, endpoints: list[Endpoint[Any]],
-              began: float) -> None:
-        """Send the frame to the cloud endpoints, then run the local detector on it."""
+              stamp_ns: int, deadline_ns: int, plan: Plan, began: float) -> None:
+        """Send the frame to the planned cloud endpoints, then run the local detector on it."""
         assert self._detector is not None
-        if endpoints:
+        if plan.sources:
             try:
-                self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, endpoints)
+                self._dispatch(key, inflight, rgb, stamp_ns, deadline_ns, plan)
             except Exception as error:  # noqa: B902 (the local detector still runs)
                 self._frame_error('sending a frame to the cloud', error)
                 for call in list(inflight.calls.values()):
                     call.cancel()
-                for endpoint in endpoints:
-                    self._apply(partial(self._fail_now, key, endpoint.name, repr(error)))
+                for name in plan.sources:
+                    self._apply(partial(self._fail_now, key, name, repr(error)))
         inference_began = time.perf_counter()
         local = self._detector.detect(rgb)
         inference_s = time.perf_counter() - inference_began
@@ -501,20 +523,26 @@ class SpeculativeDetector(LifecycleNode):
             self._stats.overhead_ms.append((time.perf_counter() - began - inference_s) * 1e3)
 
     def _dispatch(self, key: FrameKey, inflight: _InFlight, rgb: npt.NDArray[np.uint8],
-                  stamp_ns: int, deadline_ns: int, endpoints: list[Endpoint[Any]]) -> None:
+                  stamp_ns: int, deadline_ns: int, plan: Plan) -> None:
+        assert self._dispatcher is not None
         encoded = encode_frame(rgb, jpeg_quality=self.get_parameter('cloud.jpeg_quality').value,
                                max_image_side=self.get_parameter('cloud.max_image_side').value)
-        for endpoint in endpoints:
-            remaining_ns = deadline_ns - self._now_ns()
-            if remaining_ns <= 0:
-                self._apply(partial(self._fail_now, key, endpoint.name, 'no time left'))
-                continue
+        remaining_ns = deadline_ns - self._now_ns()
+        if remaining_ns <= 0:
+            for name in plan.sources:
+                self._apply(partial(self._fail_now, key, name, 'no time left'))
+            return
+
+        def on_call(name: str, call: Call) -> None:
             with self._lock:
-                if not self._arbiter.is_pending(key, endpoint.name):
-                    continue  # already decided and cancelled before we got here
-                inflight.calls[endpoint.name] = endpoint.submit(
-                    encoded, inflight.header.frame_id, stamp_ns, remaining_ns / 1e9,
-                    time.time_ns() + remaining_ns, partial(self._on_cloud_reply, key))
+                inflight.calls[name] = call
+                wanted = self._arbiter.wants(key, name)
+            if not wanted:  # decided meanwhile (a hedge, or a deadline passed while encoding)
+                call.cancel()
+
+        self._dispatcher.send(plan, encoded, inflight.header.frame_id, stamp_ns,
+                              remaining_ns / 1e9, time.time_ns() + remaining_ns,
+                              partial(self._on_cloud_reply, key), on_call)
 
     def _abandon(self, key: FrameKey, error: str, now: int) -> Outcome:
         return self._arbiter.abandon(key, now, error)
