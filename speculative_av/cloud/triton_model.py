@@ -150,7 +150,8 @@ class TritonPythonModel:
         for result in self._batch.answer(tensors):
             if isinstance(result, ImageDecodeError):
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(result))))
+                    output_tensors=[],
+                    error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, value) for name, value in result.items()]))
