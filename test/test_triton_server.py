@@ -1,5 +1,5 @@
 """
-triton_server: the detector on a real tritonserver, asked over the v2 protocol (gRPC, HTTP, metrics).
+triton_server: the detector on a real tritonserver, asked over v2 (gRPC, HTTP, metrics).
 
 The server runs in the Triton environment (built here by tools/bootstrap_triton.sh when
 missing, ~25 s); it is started with this venv's Python, so its re-execution into the Triton
@@ -152,7 +152,7 @@ def test_requests_whose_timeout_passes_in_the_queue_are_rejected(server: Server)
     before = metrics(server)
     answers = probe(server, 'deadlines')['answers']
     rejected = [a for a in answers if 'ok' not in a]
-    # 16 requests in batches of <= 4, each batch ~100 ms here, 50 ms to live: the later ones expire.
+    # 16 requests in batches of <= 4, ~100 ms per batch here, 50 ms to live: later ones expire.
     assert rejected
     assert {(a['status'], a['message']) for a in rejected} == {
         ('StatusCode.UNAVAILABLE', 'Request timeout expired')}
@@ -201,7 +201,7 @@ def test_batch_runs_one_detection_call_pads_rows_and_isolates_bad_requests() -> 
     assert isinstance(answers[1], ImageDecodeError) and batch.rejected == 1
     first, last = answers[0], answers[2]
     assert not isinstance(first, ImageDecodeError) and not isinstance(last, ImageDecodeError)
-    assert first['BOXES'].shape == (2, 2, 4) and first['SCORES'].tolist() == [[0.5, 0.0],
-                                                                               [0.5, 0.5]]
+    assert first['BOXES'].shape == (2, 2, 4)
+    assert first['SCORES'].tolist() == [[0.5, 0.0], [0.5, 0.5]]
     assert first['LABELS'].tolist() == [[b'car', PADDING_LABEL], [b'car', b'car']]
     assert last['LABELS'].tolist() == [[b'car'] * 3]

@@ -153,6 +153,6 @@ class TritonPythonModel:
                     output_tensors=[],
                     error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)))
             else:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(name, value) for name, value in result.items()]))
+                tensors = [pb_utils.Tensor(name, value) for name, value in result.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -1,5 +1,5 @@
 """
-Serve the torchvision detector from NVIDIA Triton Inference Server over the Open Inference Protocol.
+Serve the torchvision detector from NVIDIA Triton over the Open Inference Protocol (KServe v2).
 
     triton_server --model ssdlite320_mobilenet_v3_large --weights models/road.pt --grpc-port 8001
 
@@ -27,7 +27,6 @@ import logging
 import os
 from pathlib import Path
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,12 +42,12 @@ _LOG = logging.getLogger('triton_server')
 
 DEFAULT_MODEL_NAME = 'speculative_detector'
 TRITON_VENV_VARIABLE = 'SPECULATIVE_AV_TRITON_VENV'
-PORT_ATTEMPTS = 5  # free ports are picked, then bound by tritonserver: another may take one between
+PORT_ATTEMPTS = 5  # a free port picked here may be taken before tritonserver binds it
 STOP_TIMEOUT_S = 15.0
 _PR_SET_PDEATHSIG = 1
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
-_CONFIG_TEMPLATE = '''name: "{name}"
+_CONFIG_TEMPLATE = """name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
 input [ {{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] }} ]
@@ -72,7 +71,7 @@ parameters [
   {{ key: "score_threshold" value: {{ string_value: "{score_threshold}" }} }},
   {{ key: "threads" value: {{ string_value: "{threads}" }} }}
 ]
-'''
+"""
 _MODEL_PY = 'from speculative_av.cloud.triton_model import TritonPythonModel  # noqa: F401\n'
 
 
@@ -117,8 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--max-queue-delay-ms', type=float, default=2.0,
                         help='how long the dynamic batcher waits to fill a batch')
     parser.add_argument('--queue-timeout-ms', type=float, default=10000.0,
-                        help='a request still queued after this is rejected; a request\'s own '
-                        '"timeout" parameter (microseconds) can only shorten it')
+                        help='a request still queued after this is rejected; the "timeout" '
+                        'parameter (microseconds) of a request can only shorten it')
     parser.add_argument('--startup-timeout', type=float, default=180.0,
                         help='seconds to wait for the model to be ready')
     args = parser.parse_args(argv)
@@ -265,7 +264,8 @@ def wait_until_ready(process: TritonProcess, host: str, model_name: str,
         if process.poll() is not None:
             raise RuntimeError(f'tritonserver exited with status {process.poll()} before it was '
                                'ready (its log is above)')
-        if _answers_200(f'{base}/health/ready') and _answers_200(f'{base}/models/{model_name}/ready'):
+        if (_answers_200(f'{base}/health/ready')
+                and _answers_200(f'{base}/models/{model_name}/ready')):
             return True
         if time.monotonic() > deadline:
             raise TimeoutError(f'tritonserver was not ready after {timeout_s:.0f} s')
@@ -327,8 +327,12 @@ def serve(args: argparse.Namespace, pytriton_dir: Path) -> int:
         print(f'triton_server ready grpc={_join(args.host, ports.grpc)} '
               f'http={_join(args.host, ports.http)} metrics={_join(args.host, ports.metrics)} '
               f'model={args.model_name}', flush=True)
-        watcher = threading.Thread(target=lambda: (process.wait(), stop.set()),
-                                   name='tritonserver-watch', daemon=True)
+
+        def watch() -> None:
+            process.wait()
+            stop.set()
+
+        watcher = threading.Thread(target=watch, name='tritonserver-watch', daemon=True)
         watcher.start()
         stop.wait()
         died = process.poll()

@@ -69,7 +69,8 @@ def main() -> None:
     if check == 'metadata':
         metadata = client.get_model_metadata(model, as_json=True)
         config = client.get_model_config(model, as_json=True)['config']
-        found = {'server_ready': client.is_server_ready(), 'model_ready': client.is_model_ready(model),
+        found = {'server_ready': client.is_server_ready(),
+                 'model_ready': client.is_model_ready(model),
                  'inputs': metadata['inputs'], 'outputs': metadata['outputs'],
                  'max_batch_size': config['max_batch_size'],
                  'dynamic_batching': config['dynamic_batching']}
