@@ -6,7 +6,7 @@ export SPECULATIVE_AV_VENV := $(VENV)
 # A Python from another ROS-wheels venv exports this guard; inheriting it breaks ours.
 PY := env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/python
 
-.PHONY: env test launch-check benchmark demo evaluation lock
+.PHONY: env test launch-check benchmark demo evaluation lock triton-env triton-server
 
 env:
 	@tools/bootstrap.sh
@@ -37,3 +37,13 @@ evaluation: env
 
 lock:
 	tools/lock.sh
+
+# The Triton environment (nvidia-pytriton, numpy<2; README, "Triton and the Open Inference
+# Protocol"), borrowing the main venv's torch. No-op when nothing changed.
+TRITON_VENV ?= $(or $(SPECULATIVE_AV_TRITON_VENV),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/speculative_av/triton-venv)
+export SPECULATIVE_AV_TRITON_VENV := $(TRITON_VENV)
+triton-env: env
+	@tools/bootstrap_triton.sh
+
+triton-server: triton-env
+	env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(TRITON_VENV)/bin/python -m speculative_av.cloud.triton_server $(TRITON_ARGS)
