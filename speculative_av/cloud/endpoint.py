@@ -264,6 +264,8 @@ class Endpoint(abc.ABC, Generic[ModelT]):
         exc = future.exception()
         if exc is not None:
             error = error_text(exc)
+            if isinstance(exc, grpc.Call) and self._expired_in_queue(exc):
+                return failed(f'DEADLINE_EXCEEDED: expired in the server queue ({error})')
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._interrupt(UNREACHABLE, error)  # a new session tells if it is still there
             return failed(error)
@@ -280,6 +282,10 @@ class Endpoint(abc.ABC, Generic[ModelT]):
         except ReplyError as bad:
             _LOG.warning('%s: unusable reply to frame %s: %s', self._name, frame_id, bad)
             return failed(f'bad reply: {bad}')
+
+    def _expired_in_queue(self, call: grpc.Call) -> bool:
+        """Return whether a failed call is the server dropping a request that ran out of time."""
+        return False
 
     def _serving(self, next_check_in_s: float) -> bool:
         """

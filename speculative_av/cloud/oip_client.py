@@ -37,6 +37,9 @@ class OipModel:
     versions: frozenset[str]
 
 
+QUEUE_TIMEOUT_DETAILS = 'Request timeout expired'  # Triton's words for a queue-timed-out request
+
+
 class OipEndpoint(Endpoint[OipModel]):
     """One v2 inference server whose model follows the detector's tensor contract."""
 
@@ -73,6 +76,15 @@ class OipEndpoint(Endpoint[OipModel]):
         """Return how many detections of each class name unknown locally were dropped."""
         with self._lock:
             return dict(self._unknown_labels)
+
+    def _expired_in_queue(self, call: grpc.Call) -> bool:
+        """
+        Triton answers a request its queue policy timed out with UNAVAILABLE.
+
+        That is "not in time", not "server down": the endpoint stays healthy.
+        """
+        return (call.code() == grpc.StatusCode.UNAVAILABLE
+                and QUEUE_TIMEOUT_DETAILS in (call.details() or ''))
 
     def _start_call(self, frame: EncodedFrame, frame_id: str, stamp_ns: int, timeout_s: float,
                     deadline_unix_ns: int) -> grpc.Future:
