@@ -31,16 +31,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def cloud_server(port: int, extra_latency_ms: float = 0,
-                 security: tuple[str, ...] = ('--insecure',)) -> Iterator[subprocess.Popen[str]]:
+                 security: tuple[str, ...] = ('--insecure',),
+                 extra_args: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
     """
     Run the cloud server on ``port`` until the block ends; wait until it listens.
 
     ``security`` are its security options: plaintext on loopback unless a test passes TLS ones.
+    ``extra_args`` are further server options.
     """
     command = python_module(
         'speculative_av.cloud.server', '--host', '127.0.0.1', '--port', str(port),
         '--model', MODEL, '--weights', 'random', '--threads', '1',
-        '--extra-latency-ms', str(extra_latency_ms), *security)
+        '--extra-latency-ms', str(extra_latency_ms), *security, *extra_args)
     with running(command, stdout=subprocess.PIPE) as server:
         assert server.stdout is not None
         line = server.stdout.readline()
