@@ -27,7 +27,7 @@ DETECT = f'/{SERVICE}/Detect'
 MODEL_INFO = f'/{SERVICE}/GetModelInfo'
 BURST_LATENCY_MS = 2000.0  # admitted calls stay in flight this long
 BURST_CALLS = 32  # the old global limit was 8 RPCs of any kind
-MAX_DETECT_CALLS = 8  # the server's bound for --concurrency 1 (4 per slot + 4)
+MAX_DETECT_CALLS = 17  # the server's default bound: a queue of 16 plus one inference
 EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.DEADLINE_EXCEEDED}
 
