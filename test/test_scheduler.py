@@ -1,6 +1,8 @@
 """
-The deadline-aware batch scheduler, without gRPC: the policy with explicit times, the worker
-threads with an injected clock and a model function that the tests control.
+The deadline-aware batch scheduler, without gRPC.
+
+The policy is driven with explicit times; the worker threads with an injected clock and a model
+function that the tests control.
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Sequence
 
 from hypothesis import given, HealthCheck, settings, strategies as st
 import pytest
-from ros_harness import wait_until
 from speculative_av.cloud.scheduler import (
     BatchScheduler, DeadlineQueue, InferenceEstimate, NO_DEADLINE, Outcome, Status, Ticket)
 

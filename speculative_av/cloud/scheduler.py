@@ -252,7 +252,8 @@ class DeadlineQueue(Generic[Payload, Result]):
     def _drop_hopeless(self, now_s: float) -> list[Resolution[Payload, Result]]:
         """Remove queued requests that have expired or (deadline policy) cannot finish now."""
         finish_s = now_s + (self.estimate.seconds(1) if self.policy == 'deadline' else 0.0)
-        kept, dropped = [], []
+        kept: list[Ticket[Payload, Result]] = []
+        dropped: list[Resolution[Payload, Result]] = []
         for ticket in self._queue:
             if now_s >= ticket.deadline_s:
                 dropped.append((ticket, Outcome(

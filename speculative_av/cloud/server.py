@@ -55,8 +55,8 @@ class _Context(Protocol):
     def time_remaining(self) -> float | None:
         """Return the seconds left before the client's deadline (None: no deadline)."""
 
-    def is_active(self) -> bool:
-        """Return whether the client still waits for the reply."""
+    def add_callback(self, callback: Callable[[], object]) -> bool:
+        """Call ``callback`` when the RPC ends; False if it has ended already."""
 
 
 class MalformedRequest:

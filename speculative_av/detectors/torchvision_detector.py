@@ -159,8 +159,9 @@ class TorchvisionDetector:
                        .to(self._device).permute(2, 0, 1).float().div_(255.0)
                        for rgb in images]
             outputs = self._model(tensors)
-            found = [(output['boxes'].float().cpu().numpy(), output['scores'].float().cpu().numpy(),
-                      output['labels'].cpu().numpy()) for output in outputs]
+            found = [(output['boxes'].float().cpu().numpy(),
+                      output['scores'].float().cpu().numpy(), output['labels'].cpu().numpy())
+                     for output in outputs]
         results = []
         for rgb, (boxes, scores, labels) in zip(images, found):
             height, width = rgb.shape[:2]
