@@ -220,21 +220,26 @@ class DeadlineQueue(Generic[Payload, Result]):
         work_s = self.estimate.work_seconds(ahead + 1, self.max_batch_size)
         return now_s + (in_flight_s + work_s) / self.workers
 
+    def refusal(self, deadline_s: float, now_s: float) -> Outcome[Result] | None:
+        """Return how a request due at ``deadline_s`` arriving now is refused, or None."""
+        if len(self._queue) >= self.max_queue:
+            return Outcome(Status.REFUSED, f'queue full: {len(self._queue)} requests waiting')
+        if now_s >= deadline_s:
+            return Outcome(Status.EXPIRED, 'deadline passed before inference')
+        if self.policy == 'deadline':
+            predicted_s = self.predicted_completion_s(deadline_s, now_s)
+            if predicted_s > deadline_s:
+                return Outcome(Status.LATE_REJECTED,
+                               f'predicted completion {(predicted_s - now_s) * 1e3:.0f} ms from '
+                               f'now, deadline in {(deadline_s - now_s) * 1e3:.0f} ms')
+        return None
+
     def submit(self, ticket: Ticket[Payload, Result],
                now_s: float) -> list[Resolution[Payload, Result]]:
         """Queue ``ticket``, or return its refusal."""
-        if len(self._queue) >= self.max_queue:
-            return [(ticket, Outcome(Status.REFUSED,
-                                     f'queue full: {len(self._queue)} requests waiting'))]
-        if now_s >= ticket.deadline_s:
-            return [(ticket, Outcome(Status.EXPIRED, 'deadline passed before inference'))]
-        if self.policy == 'deadline':
-            predicted_s = self.predicted_completion_s(ticket.deadline_s, now_s)
-            if predicted_s > ticket.deadline_s:
-                return [(ticket, Outcome(
-                    Status.LATE_REJECTED,
-                    f'predicted completion {(predicted_s - now_s) * 1e3:.0f} ms from now, '
-                    f'deadline in {(ticket.deadline_s - now_s) * 1e3:.0f} ms'))]
+        refusal = self.refusal(ticket.deadline_s, now_s)
+        if refusal is not None:
+            return [(ticket, refusal)]
         bisect.insort(self._queue, ticket, key=self._key)
         return []
 
@@ -357,6 +362,18 @@ class BatchScheduler(Generic[Payload, Result]):
         """Return the number of requests waiting for inference."""
         with self._condition:
             return len(self._queue)
+
+    def refusal(self, deadline_s: float = NO_DEADLINE) -> Outcome[Result] | None:
+        """
+        Return how a request due at ``deadline_s`` would be refused now, or None.
+
+        A cheap check before preparing a payload (decoding an image) that would be refused;
+        :meth:`submit` checks again.
+        """
+        with self._condition:
+            if self._closed:
+                return Outcome(Status.UNAVAILABLE, 'the scheduler is closed')
+            return self._queue.refusal(deadline_s, self._clock())
 
     def submit(self, payload: Payload, deadline_s: float = NO_DEADLINE) -> Ticket[Payload, Result]:
         """Submit one request; the returned ticket may already be resolved (refused)."""

@@ -207,7 +207,12 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
                 scheduler: BatchScheduler[npt.NDArray[np.uint8], Detections],
                 request: detection_pb2.DetectRequest, context: _Context,
                 receive_unix_ns: int) -> detection_pb2.DetectResponse:
-        """Serve one admitted Detect call."""
+        """Serve one admitted Detect call; a request that would be refused is not decoded."""
+        deadline_s = _monotonic_deadline(request, context)
+        # A negative deadline is invalid: the decoder's checks answer it.
+        refusal = scheduler.refusal(deadline_s) if request.deadline_unix_ns >= 0 else None
+        if refusal is not None:
+            self._fail(context, refusal.status.value, _REPLIES[refusal.status], refusal.detail)
         start = time.perf_counter()
         try:
             rgb = codec.decode_request_image(request)
@@ -216,7 +221,6 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
                        f'frame {frame_id!r}: {exc}')
         decoded = time.perf_counter()
-        deadline_s = _monotonic_deadline(request, context)
         ticket = scheduler.submit(rgb, deadline_s)
         if not context.add_callback(ticket.cancel):  # the RPC ended already
             ticket.cancel()
