@@ -7,8 +7,8 @@ overload, dynamic batching, and the Prometheus endpoint.
 """
 from __future__ import annotations
 
-import contextlib
 from concurrent import futures
+import contextlib
 import re
 import threading
 import time
@@ -51,7 +51,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
 
 
 @pytest.fixture(scope='module')
-def request_bytes() -> detection_pb2.DetectRequest:
+def request_template() -> detection_pb2.DetectRequest:
     """Return a Detect request of a 640x480 jpeg, without a deadline."""
     rng = np.random.default_rng(5)
     frame = np.full((480, 640, 3), 100, np.uint8)
@@ -111,6 +111,7 @@ def call_order_with_an_urgent_request(server: ServerProcess,
     def send(detector: detection_pb2_grpc.CloudDetectorStub, name: str,
              seconds: float) -> grpc.Future:
         call = detector.Detect.future(with_deadline(request, name, seconds), timeout=60.0)
+
         def note(_: grpc.Future) -> None:
             with lock:
                 finished.append(name)
@@ -130,16 +131,16 @@ def call_order_with_an_urgent_request(server: ServerProcess,
 
 
 def test_earliest_deadline_is_served_first(servers: dict[str, ServerProcess],
-                                           request_bytes: detection_pb2.DetectRequest) -> None:
-    order = call_order_with_an_urgent_request(servers['deadline'], request_bytes)
+                                           request_template: detection_pb2.DetectRequest) -> None:
+    order = call_order_with_an_urgent_request(servers['deadline'], request_template)
     # At most the one being inferred and one taken meanwhile finish before it; FIFO: all.
     assert order.index('urgent') <= 2, order
-    fifo_order = call_order_with_an_urgent_request(servers['fifo'], request_bytes)
+    fifo_order = call_order_with_an_urgent_request(servers['fifo'], request_template)
     assert fifo_order.index('urgent') >= 3, fifo_order
 
 
 def test_hopeless_requests_are_refused_at_once_and_admitted_ones_arrive_in_time(
-        servers: dict[str, ServerProcess], request_bytes: detection_pb2.DetectRequest) -> None:
+        servers: dict[str, ServerProcess], request_template: detection_pb2.DetectRequest) -> None:
     deadline_s, burst = 0.4, 12
     results: list[tuple[grpc.StatusCode, str, float]] = []
     lock = threading.Lock()
@@ -148,7 +149,7 @@ def test_hopeless_requests_are_refused_at_once_and_admitted_ones_arrive_in_time(
             start = time.monotonic()
             try:
                 # A reply after the deadline still comes back: it is counted as late.
-                detector.Detect(with_deadline(request_bytes, f'f{index}', deadline_s),
+                detector.Detect(with_deadline(request_template, f'f{index}', deadline_s),
                                 timeout=5 * deadline_s)
                 code, details = grpc.StatusCode.OK, ''
             except grpc.RpcError as exc:
@@ -171,11 +172,11 @@ def test_hopeless_requests_are_refused_at_once_and_admitted_ones_arrive_in_time(
 
 
 def test_concurrent_requests_share_forward_passes(
-        servers: dict[str, ServerProcess], request_bytes: detection_pb2.DetectRequest) -> None:
+        servers: dict[str, ServerProcess], request_template: detection_pb2.DetectRequest) -> None:
     server = servers['batching']
     before = scrape(server)
     with stub(server) as detector:
-        calls = [detector.Detect.future(with_deadline(request_bytes, f'b{i}', 30.0), timeout=60.0)
+        calls = [detector.Detect.future(with_deadline(request_template, f'b{i}', 30.0), timeout=60.0)
                  for i in range(8)]
         replies = [call.result() for call in calls]
     sizes = [reply.batch_size for reply in replies]
@@ -192,13 +193,13 @@ def test_concurrent_requests_share_forward_passes(
 
 
 def test_metrics_endpoint_counts_by_status(servers: dict[str, ServerProcess],
-                                           request_bytes: detection_pb2.DetectRequest) -> None:
+                                           request_template: detection_pb2.DetectRequest) -> None:
     server = servers['batching']
     before = scrape(server)
     with stub(server) as detector:
-        detector.Detect(with_deadline(request_bytes, 'ok', 30.0), timeout=30.0)
+        detector.Detect(with_deadline(request_template, 'ok', 30.0), timeout=30.0)
         with pytest.raises(grpc.RpcError) as info:
-            detector.Detect(with_deadline(request_bytes, 'past', -1.0), timeout=30.0)
+            detector.Detect(with_deadline(request_template, 'past', -1.0), timeout=30.0)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(grpc.RpcError) as info:
             detector.Detect(detection_pb2.DetectRequest(image=b'junk', image_format='jpeg'),

@@ -431,9 +431,12 @@ class BatchScheduler(Generic[Payload, Result]):
         with self._condition:
             now_s = self._clock()
             resolutions = self._queue.finish(batch, now_s, results)
-        if self._on_batch is not None and not isinstance(results, BaseException):
-            self._on_batch(len(batch.tickets), now_s - batch.start_s)
         _resolve(resolutions)
+        if self._on_batch is not None and not isinstance(results, BaseException):
+            try:
+                self._on_batch(len(batch.tickets), now_s - batch.start_s)
+            except Exception:  # noqa: B902 (an observer's bug must not end the worker)
+                _LOG.exception('batch observer failed')
 
 
 def _resolve(resolutions: list[Resolution[Payload, Result]]) -> None:
