@@ -107,6 +107,20 @@ def test_admission_refuses_a_request_predicted_to_finish_late() -> None:
     assert submit_all(q, ('h', 0.6)) == {}
 
 
+def test_an_idle_server_probes_a_too_pessimistic_estimate() -> None:
+    q = DeadlineQueue[str, str]('deadline', estimate=exact_estimate(0.5), probe_interval_s=1.0)
+    # Predicted 0.5 s for a 0.3 s deadline, but nothing has been inferred yet: one is admitted.
+    assert submit_all(q, ('probe', 10.3), now_s=10.0) == {}
+    assert submit_all(q, ('second', 10.3), now_s=10.0)['second'].status == Status.LATE_REJECTED
+    decision = q.next_batch(10.0)
+    assert decision.batch is not None
+    q.finish(decision.batch, 10.1, ['r'])  # it took 0.1 s: the estimate comes down
+    assert q.estimate.seconds(1) < 0.5
+    q.estimate.observe(1, 5.0)  # and suppose it went up again
+    assert submit_all(q, ('soon', 10.9), now_s=10.5)['soon'].status == Status.LATE_REJECTED
+    assert submit_all(q, ('later', 11.4), now_s=11.1) == {}  # 1 s after the last inference
+
+
 def test_admission_counts_the_batch_in_flight() -> None:
     q = queue()
     submit_all(q, ('running', 1.0))

@@ -176,8 +176,8 @@ def test_concurrent_requests_share_forward_passes(
     server = servers['batching']
     before = scrape(server)
     with stub(server) as detector:
-        calls = [detector.Detect.future(with_deadline(request_template, f'b{i}', 30.0), timeout=60.0)
-                 for i in range(8)]
+        calls = [detector.Detect.future(with_deadline(request_template, f'b{i}', 30.0),
+                                        timeout=60.0) for i in range(8)]
         replies = [call.result() for call in calls]
     sizes = [reply.batch_size for reply in replies]
     assert all(1 <= size <= 4 for size in sizes) and max(sizes) > 1, sizes

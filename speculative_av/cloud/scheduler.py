@@ -187,8 +187,15 @@ class DeadlineQueue(Generic[Payload, Result]):
 
     def __init__(self, policy: str = 'deadline', *, max_queue: int = 16, max_batch_size: int = 1,
                  max_queue_delay_s: float = 0.0, workers: int = 1,
-                 estimate: InferenceEstimate | None = None) -> None:
-        """Check and keep the parameters."""
+                 estimate: InferenceEstimate | None = None, probe_interval_s: float = 1.0) -> None:
+        """
+        Check and keep the parameters.
+
+        An idle server admits a request predicted to be late when it has not finished an
+        inference for ``probe_interval_s``: the estimate learns only from inferences, and
+        without this probe an estimate that is too high (a slow start-up) would refuse every
+        request for ever.
+        """
         if policy not in POLICIES:
             raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}')
         if max_queue < 1 or max_batch_size < 1 or workers < 1 or max_queue_delay_s < 0:
@@ -201,6 +208,9 @@ class DeadlineQueue(Generic[Payload, Result]):
         self.max_queue_delay_s = max_queue_delay_s
         self.workers = workers
         self.estimate = estimate or InferenceEstimate()
+        self.probe_interval_s = probe_interval_s
+        self._last_finish_s = -math.inf
+        self._probes: set[int] = set()  # queued probes: not dropped as unreachable
         self._queue: list[Ticket[Payload, Result]] = []  # sorted by _key
         self._in_flight: list[Batch[Payload, Result]] = []
 
@@ -228,7 +238,9 @@ class DeadlineQueue(Generic[Payload, Result]):
             return Outcome(Status.EXPIRED, 'deadline passed before inference')
         if self.policy == 'deadline':
             predicted_s = self.predicted_completion_s(deadline_s, now_s)
-            if predicted_s > deadline_s:
+            probe = (not self._queue and not self._in_flight
+                     and now_s - self._last_finish_s >= self.probe_interval_s)
+            if predicted_s > deadline_s and not probe:
                 return Outcome(Status.LATE_REJECTED,
                                f'predicted completion {(predicted_s - now_s) * 1e3:.0f} ms from '
                                f'now, deadline in {(deadline_s - now_s) * 1e3:.0f} ms')
@@ -240,6 +252,9 @@ class DeadlineQueue(Generic[Payload, Result]):
         refusal = self.refusal(ticket.deadline_s, now_s)
         if refusal is not None:
             return [(ticket, refusal)]
+        if (self.policy == 'deadline'
+                and self.predicted_completion_s(ticket.deadline_s, now_s) > ticket.deadline_s):
+            self._probes.add(ticket.sequence)
         bisect.insort(self._queue, ticket, key=self._key)
         return []
 
@@ -248,6 +263,7 @@ class DeadlineQueue(Generic[Payload, Result]):
         for index, queued in enumerate(self._queue):
             if queued is ticket:
                 del self._queue[index]
+                self._probes.discard(ticket.sequence)
                 return [(ticket, Outcome(Status.CANCELLED, 'client cancelled before inference'))]
         for batch in self._in_flight:
             if any(member is ticket for member in batch.tickets):
@@ -264,7 +280,7 @@ class DeadlineQueue(Generic[Payload, Result]):
                 dropped.append((ticket, Outcome(
                     Status.EXPIRED, 'deadline passed before inference',
                     queue_s=now_s - ticket.arrival_s)))
-            elif finish_s > ticket.deadline_s:
+            elif finish_s > ticket.deadline_s and ticket.sequence not in self._probes:
                 dropped.append((ticket, Outcome(
                     Status.DROPPED_UNREACHABLE,
                     f'deadline in {(ticket.deadline_s - now_s) * 1e3:.0f} ms is unreachable',
@@ -272,6 +288,7 @@ class DeadlineQueue(Generic[Payload, Result]):
             else:
                 kept.append(ticket)
         self._queue = kept
+        self._probes.intersection_update(t.sequence for t in kept)
         return dropped
 
     def next_batch(self, now_s: float) -> Decision[Payload, Result]:
@@ -293,6 +310,7 @@ class DeadlineQueue(Generic[Payload, Result]):
             if now_s < fill_until_s:
                 return Decision(None, fill_until_s - now_s, resolutions)
         tickets = self._queue[:size]
+        self._probes.difference_update(t.sequence for t in tickets)
         del self._queue[:size]
         batch = Batch(tickets, now_s, self.estimate.seconds(size))
         self._in_flight.append(batch)
@@ -302,6 +320,7 @@ class DeadlineQueue(Generic[Payload, Result]):
                results: Sequence[Result] | BaseException) -> list[Resolution[Payload, Result]]:
         """Resolve ``batch`` with the model's results (or its exception); learn its time."""
         self._in_flight.remove(batch)
+        self._last_finish_s = now_s
         inference_s = now_s - batch.start_s
         size = len(batch.tickets)
         if isinstance(results, BaseException):
@@ -326,6 +345,7 @@ class DeadlineQueue(Generic[Payload, Result]):
         drained: list[Resolution[Payload, Result]] = [
             (ticket, Outcome(Status.UNAVAILABLE, detail)) for ticket in self._queue]
         self._queue = []
+        self._probes.clear()
         return drained
 
 

@@ -44,6 +44,7 @@ DEFAULT_MODEL = 'fasterrcnn_mobilenet_v3_large_fpn'
 SHUTDOWN_GRACE_S = 2.0
 SPARE_WORKERS = 4
 WARM_UP_SIZE = (480, 640)  # height, width of the blank frames timed before serving
+WARM_UP_PASSES = 3
 
 
 class _Context(Protocol):
@@ -383,7 +384,7 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
 
 def warm_up(detector: TorchvisionDetector, max_batch_size: int) -> InferenceEstimate:
     """
-    Run the model once untimed (first passes are slow), then time a batch of 1 and of the max.
+    Run the model once untimed (first passes are slow), then time batches of 1 and of the max.
 
     The times seed the scheduler's estimate, so the first requests are admitted on a
     measurement of this model on this machine rather than on a guess.
@@ -391,12 +392,14 @@ def warm_up(detector: TorchvisionDetector, max_batch_size: int) -> InferenceEsti
     estimate = InferenceEstimate()
     blank = np.zeros((*WARM_UP_SIZE, 3), np.uint8)
     detector.detect(blank)
-    for size in sorted({1, max_batch_size}):
-        start = time.perf_counter()
-        detector.detect_batch([blank] * size)
-        estimate.observe(size, time.perf_counter() - start)
-    _LOG.info('warm-up: batch of 1 %.0f ms, of %d %.0f ms (estimates with margin)',
-              estimate.seconds(1) * 1e3, max_batch_size, estimate.seconds(max_batch_size) * 1e3)
+    sizes = sorted({1, max_batch_size})
+    for size in sizes:
+        for _ in range(WARM_UP_PASSES):
+            start = time.perf_counter()
+            detector.detect_batch([blank] * size)
+            estimate.observe(size, time.perf_counter() - start)
+    _LOG.info('warm-up: estimated inference %s (with margin)', ', '.join(
+        f'{estimate.seconds(size) * 1e3:.0f} ms for a batch of {size}' for size in sizes))
     return estimate
 
 
