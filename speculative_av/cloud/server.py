@@ -121,7 +121,7 @@ class SchedulingOptions:
         return self.max_queue + self.concurrency * self.max_batch_size
 
 
-# How a scheduler outcome is answered: status code, and whether the scheduler's detail is sent.
+# The status code that answers each scheduler outcome other than OK (its detail is the details).
 _REPLIES = {
     Status.LATE_REJECTED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Status.DROPPED_UNREACHABLE: grpc.StatusCode.DEADLINE_EXCEEDED,
