@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from concurrent import futures
 import contextlib
+from pathlib import Path
 import re
+import socket
 import threading
 import time
 from typing import Iterator
@@ -219,6 +221,23 @@ def test_metrics_endpoint_counts_by_status(servers: dict[str, ServerProcess],
                    'unavailable', 'failed'):
         assert f'speculative_av_requests_total{{status="{status}"}}' in after
     assert after['speculative_av_queue_depth'] == 0
+    # Junk on the metrics port does not take the endpoint down.
+    port = int(metrics_url(server).split(':')[-1].split('/')[0])
+    for junk in (b'\x00\xff' * 5000, b'GET /' + b'a' * 70000 + b' HTTP/1.1\r\n\r\n',
+                 b'POST /metrics HTTP/1.1\r\nContent-Length: 999999\r\n\r\nxx'):
+        with socket.create_connection(('127.0.0.1', port), timeout=5.0) as connection:
+            connection.sendall(junk)
+    assert scrape(server)['speculative_av_queue_depth'] == 0
+
+
+def test_a_taken_metrics_port_fails_the_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        server = ServerProcess(tmp_path / 'taken.log', '--metrics-port',
+                               str(taken.getsockname()[1]))
+        assert server.process.wait(60.0) == 1
+    assert 'could not serve metrics on port' in server.log(), server.log()
 
 
 def test_summary_reports_statuses_and_batch_sizes(servers: dict[str, ServerProcess]) -> None:
