@@ -3,6 +3,7 @@ Launch the gRPC cloud detection server (no ROS inside it; launch only supervises
 
 ros2 launch speculative_av cloud_server.launch.py port:=50051 \
     model:=fasterrcnn_mobilenet_v3_large_fpn weights:=/models/cloud.pt device:=cuda \
+    max_batch_size:=8 max_queue_delay_ms:=5 metrics_port:=9464 \
     tls_cert:=/etc/speculative_av/server.crt tls_key:=/etc/speculative_av/server.key \
     tokens:=/etc/speculative_av/tokens
 
@@ -20,7 +21,12 @@ ARGUMENTS = {
     'model': ('fasterrcnn_mobilenet_v3_large_fpn', 'torchvision detection architecture.'),
     'weights': ('DEFAULT', 'DEFAULT, a checkpoint path, or random (tests only).'),
     'device': ('cpu', 'cpu, cuda or cuda:N.'),
-    'concurrency': ('1', 'Requests run at once.'),
+    'concurrency': ('1', 'Inferences (batches) run at once.'),
+    'scheduling': ('deadline', 'deadline (earliest deadline first, admission) or fifo.'),
+    'max_batch_size': ('1', 'Requests inferred in one forward pass.'),
+    'max_queue_delay_ms': ('0', 'Longest wait for a batch to fill (never past a deadline).'),
+    'max_queue': ('16', 'Requests waiting for inference; beyond: RESOURCE_EXHAUSTED.'),
+    'metrics_port': ('-1', 'Prometheus /metrics port: -1 none, 0 a free one (logged).'),
     'extra_latency_ms': ('0', 'Fixed delay before each reply (emulates a distant server).'),
     'insecure': ('false', 'true serves plaintext (logs a warning); else give the TLS files.'),
     'tls_cert': ('', 'PEM server certificate (TLS).'),

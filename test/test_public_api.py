@@ -165,6 +165,6 @@ def test_cloud_server_accepts_the_command_line_its_launch_file_builds():
     argv = []
     for name, default in re.findall(r"^    '(\w+)': \('([^']*)'", source, re.M):
         argv += [f'--{name.replace("_", "-")}', default]
-    assert len(argv) == 2 * 13
+    assert len(argv) == 2 * 18
     parsed = parse_args(argv)  # argparse exits (failing the test) on an unknown option
     assert parsed.port == 50051 and parsed.model == 'fasterrcnn_mobilenet_v3_large_fpn'

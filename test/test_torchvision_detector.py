@@ -92,6 +92,23 @@ def test_boxes_in_input_pixels(detector: TorchvisionDetector, image: np.ndarray)
         detector.detect(image.astype(np.float32))
 
 
+def test_batch_of_different_sizes_matches_one_by_one(detector: TorchvisionDetector,
+                                                     image: np.ndarray) -> None:
+    """One forward pass over several images answers each as if it were alone."""
+    frames = [image, np.ascontiguousarray(image[:100, :300]), np.ascontiguousarray(image[::-1])]
+    batched = detector.detect_batch(frames)
+    assert len(batched) == len(frames) and detector.detect_batch([]) == []
+    for frame, found in zip(frames, batched):
+        alone = detector.detect(frame)
+        assert len(found) == len(alone) > 0
+        np.testing.assert_allclose(found.boxes, alone.boxes, atol=0.05, rtol=0)
+        np.testing.assert_allclose(found.scores, alone.scores, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(found.labels, alone.labels)
+        assert found.boxes[:, 2].max() <= frame.shape[1]
+    with pytest.raises(ValueError, match='uint8 RGB'):
+        detector.detect_batch([image, image[:, :, 0]])
+
+
 def test_score_threshold_filters(detector: TorchvisionDetector, checkpoint: Path,
                                  image: np.ndarray) -> None:
     everything = detector.detect(image)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64\x65tection.proto\x12\x11speculative_av.v1\"\xa3\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x02 \x01(\t\x12\x16\n\x0eoriginal_width\x18\x03 \x01(\r\x12\x17\n\x0foriginal_height\x18\x04 \x01(\r\x12\x10\n\x08\x66rame_id\x18\x05 \x01(\t\x12\x10\n\x08stamp_ns\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x07 \x01(\x03\"Y\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\r\n\x05label\x18\x06 \x01(\x05\"\xc8\x01\n\x0e\x44\x65tectResponse\x12\x30\n\ndetections\x18\x01 \x03(\x0b\x32\x1c.speculative_av.v1.Detection\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x1e\n\x16server_receive_unix_ns\x18\x04 \x01(\x03\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x07 \x01(\x01\"\x12\n\x10ModelInfoRequest\"s\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0fscore_threshold\x18\x05 \x01(\x02\x32\xb1\x01\n\rCloudDetector\x12M\n\x06\x44\x65tect\x12 .speculative_av.v1.DetectRequest\x1a!.speculative_av.v1.DetectResponse\x12Q\n\x0cGetModelInfo\x12#.speculative_av.v1.ModelInfoRequest\x1a\x1c.speculative_av.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64\x65tection.proto\x12\x11speculative_av.v1\"\xa3\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cimage_format\x18\x02 \x01(\t\x12\x16\n\x0eoriginal_width\x18\x03 \x01(\r\x12\x17\n\x0foriginal_height\x18\x04 \x01(\r\x12\x10\n\x08\x66rame_id\x18\x05 \x01(\t\x12\x10\n\x08stamp_ns\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x07 \x01(\x03\"Y\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\r\n\x05label\x18\x06 \x01(\x05\"\xdc\x01\n\x0e\x44\x65tectResponse\x12\x30\n\ndetections\x18\x01 \x03(\x0b\x32\x1c.speculative_av.v1.Detection\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x1e\n\x16server_receive_unix_ns\x18\x04 \x01(\x03\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\r\"\x12\n\x10ModelInfoRequest\"s\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0fscore_threshold\x18\x05 \x01(\x02\x32\xb1\x01\n\rCloudDetector\x12M\n\x06\x44\x65tect\x12 .speculative_av.v1.DetectRequest\x1a!.speculative_av.v1.DetectResponse\x12Q\n\x0cGetModelInfo\x12#.speculative_av.v1.ModelInfoRequest\x1a\x1c.speculative_av.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETECTION']._serialized_start=204
   _globals['_DETECTION']._serialized_end=293
   _globals['_DETECTRESPONSE']._serialized_start=296
-  _globals['_DETECTRESPONSE']._serialized_end=496
-  _globals['_MODELINFOREQUEST']._serialized_start=498
-  _globals['_MODELINFOREQUEST']._serialized_end=516
-  _globals['_MODELINFO']._serialized_start=518
-  _globals['_MODELINFO']._serialized_end=633
-  _globals['_CLOUDDETECTOR']._serialized_start=636
-  _globals['_CLOUDDETECTOR']._serialized_end=813
+  _globals['_DETECTRESPONSE']._serialized_end=516
+  _globals['_MODELINFOREQUEST']._serialized_start=518
+  _globals['_MODELINFOREQUEST']._serialized_end=536
+  _globals['_MODELINFO']._serialized_start=538
+  _globals['_MODELINFO']._serialized_end=653
+  _globals['_CLOUDDETECTOR']._serialized_start=656
+  _globals['_CLOUDDETECTOR']._serialized_end=833
 # @@protoc_insertion_point(module_scope)

@@ -42,7 +42,7 @@ class Detection(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., score: _Optional[float] = ..., label: _Optional[int] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("detections", "model_name", "model_version", "server_receive_unix_ns", "queue_ms", "decode_ms", "inference_ms")
+    __slots__ = ("detections", "model_name", "model_version", "server_receive_unix_ns", "queue_ms", "decode_ms", "inference_ms", "batch_size")
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class DetectResponse(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     model_name: str
     model_version: str
@@ -57,7 +58,8 @@ class DetectResponse(_message.Message):
     queue_ms: float
     decode_ms: float
     inference_ms: float
-    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., server_receive_unix_ns: _Optional[int] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., server_receive_unix_ns: _Optional[int] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()

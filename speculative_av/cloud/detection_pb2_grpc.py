@@ -53,8 +53,10 @@ class CloudDetectorServicer:
     """
 
     def Detect(self, request, context):
-        """Detect objects in one frame. Deadline expired on arrival or after queueing:
-        DEADLINE_EXCEEDED without inference. Undecodable image: INVALID_ARGUMENT.
+        """Detect objects in one frame. DEADLINE_EXCEEDED without inference when the deadline (the
+        earlier of deadline_unix_ns and the call's deadline) expired, or cannot be met: details
+        starting "predicted completion" on arrival, "deadline in" after queueing. A full queue:
+        RESOURCE_EXHAUSTED. Undecodable image: INVALID_ARGUMENT. Model loading: UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

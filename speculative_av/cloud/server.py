@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from concurrent import futures
+from dataclasses import dataclass
 import logging
 import signal
 import sys
@@ -23,10 +24,16 @@ from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+import numpy as np
+import numpy.typing as npt
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
+from speculative_av.cloud.scheduler import (
+    BatchScheduler, DeadlineQueue, InferenceEstimate, NO_DEADLINE, POLICIES, Status)
 from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
+from speculative_av.cloud.server_metrics import ServerMetrics
+from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import detection_models, TorchvisionDetector
 
 _LOG = logging.getLogger('cloud_server')
@@ -36,6 +43,8 @@ SERVICE_NAME = detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].full_n
 DEFAULT_MODEL = 'fasterrcnn_mobilenet_v3_large_fpn'
 SHUTDOWN_GRACE_S = 2.0
 SPARE_WORKERS = 4
+WARM_UP_SIZE = (480, 640)  # height, width of the blank frames timed before serving
+WARM_UP_PASSES = 3
 
 
 class _Context(Protocol):
@@ -47,8 +56,8 @@ class _Context(Protocol):
     def time_remaining(self) -> float | None:
         """Return the seconds left before the client's deadline (None: no deadline)."""
 
-    def is_active(self) -> bool:
-        """Return whether the client still waits for the reply."""
+    def add_callback(self, callback: Callable[[], object]) -> bool:
+        """Call ``callback`` when the RPC ends; False if it has ended already."""
 
 
 class MalformedRequest:
@@ -96,58 +105,91 @@ class _Throttle:
             return suppressed
 
 
+@dataclass(frozen=True)
+class SchedulingOptions:
+    """How Detect requests are queued and batched (see README, 'Serving a fleet')."""
+
+    policy: str = 'deadline'
+    concurrency: int = 1
+    max_batch_size: int = 1
+    max_queue_delay_ms: float = 0.0
+    max_queue: int = 16
+
+    @property
+    def max_detect_calls(self) -> int:
+        """Return how many Detect calls may be in the server: queued plus being inferred."""
+        return self.max_queue + self.concurrency * self.max_batch_size
+
+
+# The status code that answers each scheduler outcome other than OK (its detail is the details).
+_REPLIES = {
+    Status.LATE_REJECTED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Status.DROPPED_UNREACHABLE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Status.EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Status.CANCELLED: grpc.StatusCode.CANCELLED,
+    Status.REFUSED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Status.FAILED: grpc.StatusCode.INTERNAL,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
 class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
     """
-    Answer Detect with one detector, at most ``concurrency`` inferences at a time.
+    Answer Detect through a deadline-aware batch scheduler around one detector.
 
-    At most ``max_detect_calls`` Detect calls are in the server at once (decoding, waiting
-    for an inference slot or inferring); beyond that Detect answers RESOURCE_EXHAUSTED at
-    once, so a burst never takes the worker threads that health checks need.
+    At most ``options.max_detect_calls`` Detect calls are in the server at once (decoding,
+    queued or being inferred); beyond that Detect answers RESOURCE_EXHAUSTED at once, so a
+    burst never takes the worker threads that health checks need.
     """
 
-    def __init__(self, concurrency: int = 1, extra_latency_ms: float = 0.0,
-                 max_detect_calls: int | None = None) -> None:
-        """
-        Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`.
-
-        ``max_detect_calls`` defaults to 4 per inference slot plus 4.
-        """
+    def __init__(self, options: SchedulingOptions = SchedulingOptions(),
+                 extra_latency_ms: float = 0.0) -> None:
+        """Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`."""
+        self.options = options
         self._detector: TorchvisionDetector | None = None
-        self._slots = threading.Semaphore(concurrency)
+        self._scheduler: BatchScheduler[npt.NDArray[np.uint8], Detections] | None = None
         self._extra_latency_s = extra_latency_ms / 1e3
-        self.max_detect_calls = (4 * concurrency + 4 if max_detect_calls is None
-                                 else max_detect_calls)
+        self.max_detect_calls = options.max_detect_calls
         self._lock = threading.Lock()
         self._detect_calls = 0
-        self._counts = dict.fromkeys(
-            ('requests', 'ok', 'expired', 'cancelled', 'invalid', 'unavailable', 'refused'), 0)
-        self._inferences = 0
-        self._inference_ms_total = 0.0
+        self.metrics = ServerMetrics(options.max_batch_size, self._queue_depth)
         self._invalid_log = _Throttle()
 
-    def set_detector(self, detector: TorchvisionDetector) -> None:
-        """Start answering with ``detector``."""
+    def _queue_depth(self) -> int:
+        scheduler = self._scheduler
+        return 0 if scheduler is None else scheduler.queue_depth
+
+    def set_detector(self, detector: TorchvisionDetector, estimate: InferenceEstimate) -> None:
+        """Start answering with ``detector``; ``estimate`` is its measured inference time."""
+        options = self.options
+        queue: DeadlineQueue[npt.NDArray[np.uint8], Detections] = DeadlineQueue(
+            options.policy, max_queue=options.max_queue, max_batch_size=options.max_batch_size,
+            max_queue_delay_s=options.max_queue_delay_ms / 1e3, workers=options.concurrency,
+            estimate=estimate)
+        self._scheduler = BatchScheduler(detector.detect_batch, queue,
+                                         on_batch=self.metrics.batch, name='inference')
         self._detector = detector
+
+    def close(self) -> None:
+        """Answer queued requests UNAVAILABLE and stop the inference threads."""
+        if self._scheduler is not None:
+            self._scheduler.close(SHUTDOWN_GRACE_S)
+        self.metrics.close()
 
     def summary(self) -> str:
         """Return a one-line account of the requests served so far."""
-        with self._lock:
-            counts = dict(self._counts, inferences=self._inferences)
-            mean_ms = self._inference_ms_total / self._inferences if self._inferences else 0.0
-        return ' '.join(f'{key}={value}' for key, value in counts.items()) + (
-            f' mean_inference_ms={mean_ms:.1f}')
+        return self.metrics.summary()
 
     def Detect(  # noqa: N802 (gRPC's name)
             self, request: detection_pb2.DetectRequest | MalformedRequest,
             context: _Context) -> detection_pb2.DetectResponse:
-        """Check the request, wait for a free slot, detect unless the deadline passed."""
+        """Check and decode the request, schedule it, answer with its outcome."""
         receive_unix_ns = time.time_ns()
-        self._count('requests')
         if isinstance(request, MalformedRequest):
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
                        f'malformed DetectRequest: {request.reason}')
-        detector = self._detector
-        if detector is None:
+        detector, scheduler = self._detector, self._scheduler
+        if detector is None or scheduler is None:
             self._fail(context, 'unavailable', grpc.StatusCode.UNAVAILABLE, 'model is loading')
         with self._lock:
             admitted = self._detect_calls < self.max_detect_calls
@@ -157,14 +199,21 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             self._fail(context, 'refused', grpc.StatusCode.RESOURCE_EXHAUSTED,
                        f'{self.max_detect_calls} Detect calls in progress')
         try:
-            return self._detect(detector, request, context, receive_unix_ns)
+            return self._detect(detector, scheduler, request, context, receive_unix_ns)
         finally:
             with self._lock:
                 self._detect_calls -= 1
 
-    def _detect(self, detector: TorchvisionDetector, request: detection_pb2.DetectRequest,
-                context: _Context, receive_unix_ns: int) -> detection_pb2.DetectResponse:
-        """Serve one admitted Detect call."""
+    def _detect(self, detector: TorchvisionDetector,
+                scheduler: BatchScheduler[npt.NDArray[np.uint8], Detections],
+                request: detection_pb2.DetectRequest, context: _Context,
+                receive_unix_ns: int) -> detection_pb2.DetectResponse:
+        """Serve one admitted Detect call; a request that would be refused is not decoded."""
+        deadline_s = _monotonic_deadline(request, context)
+        # A negative deadline is invalid: the decoder's checks answer it.
+        refusal = scheduler.refusal(deadline_s) if request.deadline_unix_ns >= 0 else None
+        if refusal is not None:
+            self._fail(context, refusal.status.value, _REPLIES[refusal.status], refusal.detail)
         start = time.perf_counter()
         try:
             rgb = codec.decode_request_image(request)
@@ -173,29 +222,25 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
                        f'frame {frame_id!r}: {exc}')
         decoded = time.perf_counter()
-        with self._slots:
-            queued = time.perf_counter()
-            remaining_s = context.time_remaining()
-            if ((request.deadline_unix_ns and time.time_ns() >= request.deadline_unix_ns)
-                    or (remaining_s is not None and remaining_s <= 0)):
-                self._fail(context, 'expired', grpc.StatusCode.DEADLINE_EXCEEDED,
-                           'deadline passed before inference')
-            if not context.is_active():
-                self._fail(context, 'cancelled', grpc.StatusCode.CANCELLED,
-                           'client cancelled before inference')
-            detections = detector.detect(rgb)
-            inference_ms = (time.perf_counter() - queued) * 1e3
-        with self._lock:
-            self._inferences += 1
-            self._inference_ms_total += inference_ms
+        ticket = scheduler.submit(rgb, deadline_s)
+        if not context.add_callback(ticket.cancel):  # the RPC ended already
+            ticket.cancel()
+        outcome = ticket.wait()
+        assert outcome is not None  # wait() without a timeout returns the outcome
+        if outcome.status != Status.OK or outcome.result is None:
+            self._fail(context, outcome.status.value, _REPLIES[outcome.status], outcome.detail)
+        self.metrics.queued(outcome.queue_s)
         response = codec.detections_to_response(
-            codec.to_original_coordinates(detections, request, rgb.shape[1], rgb.shape[0]),
+            codec.to_original_coordinates(outcome.result, request, rgb.shape[1], rgb.shape[0]),
             model_name=detector.model_name, model_version=detector.model_version,
-            server_receive_unix_ns=receive_unix_ns, queue_ms=(queued - decoded) * 1e3,
-            decode_ms=(decoded - start) * 1e3, inference_ms=inference_ms)
+            server_receive_unix_ns=receive_unix_ns, queue_ms=outcome.queue_s * 1e3,
+            decode_ms=(decoded - start) * 1e3, inference_ms=outcome.inference_s * 1e3)
+        response.batch_size = outcome.batch_size
         if self._extra_latency_s > 0:
             time.sleep(self._extra_latency_s)
-        self._count('ok')
+        self.metrics.count('ok')
+        self.metrics.replied('no_deadline' if deadline_s == NO_DEADLINE else
+                             'in_time' if time.monotonic() <= deadline_s else 'late')
         return response
 
     def GetModelInfo(  # noqa: N802 (gRPC's name)
@@ -213,14 +258,10 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             categories=detector.categories, device=detector.device,
             score_threshold=detector.score_threshold)
 
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
-
     def _fail(self, context: _Context, key: str, code: grpc.StatusCode,
               details: str) -> NoReturn:
         """Count and log a failed request, then end it with ``code`` (raises)."""
-        self._count(key)
+        self.metrics.count(key)
         if key != 'invalid':
             _LOG.debug('%s: %s', code.name, details)
         else:
@@ -230,6 +271,18 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
                              f' ({suppressed} more invalid requests not logged)'
                              if suppressed else '')
         context.abort(code, details)
+
+
+def _monotonic_deadline(request: detection_pb2.DetectRequest, context: _Context) -> float:
+    """Return the earlier of the request's and the call's deadline on the monotonic clock."""
+    now_s = time.monotonic()
+    deadline_s = NO_DEADLINE
+    if request.deadline_unix_ns:
+        deadline_s = now_s + (request.deadline_unix_ns - time.time_ns()) / 1e9
+    remaining_s = context.time_remaining()
+    if remaining_s is not None:
+        deadline_s = min(deadline_s, now_s + remaining_s)
+    return deadline_s
 
 
 def add_to_server(service: DetectionService, server: grpc.Server) -> None:
@@ -265,7 +318,9 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
     except SecurityError as exc:
         _LOG.error('%s', exc)
         return 2
-    service = DetectionService(args.concurrency, args.extra_latency_ms)
+    service = DetectionService(SchedulingOptions(
+        args.scheduling, args.concurrency, args.max_batch_size, args.max_queue_delay_ms,
+        args.max_queue), args.extra_latency_ms)
     # Detect calls hold at most max_detect_calls workers; the spare ones serve health checks
     # and GetModelInfo. No maximum_concurrent_rpcs: it would refuse health checks under load.
     workers = service.max_detect_calls + SPARE_WORKERS
@@ -295,24 +350,57 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
         return 1
     server.start()
     print(f'cloud_server listening on {address}:{port}', file=announce, flush=True)
+    if args.metrics_port >= 0:
+        try:
+            metrics_port = service.metrics.serve(args.metrics_port, args.host)
+        except OSError as exc:
+            _LOG.error('could not serve metrics on port %d: %s', args.metrics_port, exc)
+            server.stop(None)
+            return 1
+        _LOG.info('metrics on http://%s:%d/metrics', address, metrics_port)
     try:
         detector = TorchvisionDetector(args.model, args.weights, args.device,
                                        args.score_threshold, args.threads)
     except (ValueError, RuntimeError, OSError) as exc:
         _LOG.error('could not load %s: %s', args.model, exc)
         server.stop(None)
+        service.close()
         return 1
-    service.set_detector(detector)
+    service.set_detector(detector, warm_up(detector, args.max_batch_size))
     for name in ('', SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _LOG.info('serving %s (%s) on %s with %d inference slot(s), extra latency %.0f ms; %s',
+    _LOG.info('serving %s (%s) on %s with %d inference slot(s), %s scheduling, batches of up '
+              'to %d (waiting up to %.0f ms), queue of %d, extra latency %.0f ms; %s',
               detector.model_name, detector.model_version, detector.device, args.concurrency,
+              args.scheduling, args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
               args.extra_latency_ms, security.description)
     stop.wait()
     health_service.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE_S).wait()
+    service.close()
     _LOG.info('summary: %s', service.summary())
     return 0
+
+
+def warm_up(detector: TorchvisionDetector, max_batch_size: int) -> InferenceEstimate:
+    """
+    Run the model once untimed (first passes are slow), then time batches of 1 and of the max.
+
+    The times seed the scheduler's estimate, so the first requests are admitted on a
+    measurement of this model on this machine rather than on a guess.
+    """
+    estimate = InferenceEstimate()
+    blank = np.zeros((*WARM_UP_SIZE, 3), np.uint8)
+    detector.detect(blank)
+    sizes = sorted({1, max_batch_size})
+    for size in sizes:
+        for _ in range(WARM_UP_PASSES):
+            start = time.perf_counter()
+            detector.detect_batch([blank] * size)
+            estimate.observe(size, time.perf_counter() - start)
+    _LOG.info('warm-up: estimated inference %s (with margin)', ', '.join(
+        f'{estimate.seconds(size) * 1e3:.0f} ms for a batch of {size}' for size in sizes))
+    return estimate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -327,7 +415,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--port', type=int, default=50051, help='0 picks a free port')
     parser.add_argument('--max-message-mb', type=int, default=16)
     parser.add_argument('--concurrency', type=_positive_int, default=1,
-                        help='inferences run at the same time')
+                        help='inferences (batches) run at the same time')
+    parser.add_argument('--scheduling', choices=POLICIES, default='deadline',
+                        help='deadline: earliest deadline first, hopeless requests refused at '
+                             'once; fifo: first in, first out (the behaviour before issue 8)')
+    parser.add_argument('--max-batch-size', type=_positive_int, default=1,
+                        help='requests inferred in one forward pass')
+    parser.add_argument('--max-queue-delay-ms', type=_non_negative_float, default=0.0,
+                        help='longest wait for a batch to fill (never past a deadline)')
+    parser.add_argument('--max-queue', type=_positive_int, default=16,
+                        help='requests waiting for inference; beyond: RESOURCE_EXHAUSTED')
+    parser.add_argument('--metrics-port', type=int, default=-1,
+                        help='Prometheus /metrics port: -1 none, 0 a free one (logged)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='delay every reply, emulating a distant data center')
     parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
@@ -338,6 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model not in detection_models():
         parser.error(f'--model {args.model!r} is not one of {", ".join(detection_models())}')
     return args
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
+    return value
 
 
 def _positive_int(text: str) -> int:

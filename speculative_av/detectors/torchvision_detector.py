@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -139,20 +139,36 @@ class TorchvisionDetector:
 
     def detect(self, rgb: npt.NDArray[np.uint8]) -> Detections:
         """Detect objects in an (H, W, 3) uint8 RGB image; boxes are in its pixel coordinates."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f'expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} '
-                             f'{rgb.shape}')
-        height, width = rgb.shape[:2]
-        pixels = torch.from_numpy(np.require(rgb, requirements=['C', 'W']))
+        return self.detect_batch([rgb])[0]
+
+    def detect_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Detections]:
+        """
+        Detect objects in several (H, W, 3) uint8 RGB images with one forward pass.
+
+        The images may differ in size (the model's transform resizes and pads them into one
+        batch); each result's boxes are in its own image's pixel coordinates.
+        """
+        for rgb in images:
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f'expected (H, W, 3) uint8 RGB images, got {rgb.dtype} '
+                                 f'{rgb.shape}')
+        if not images:
+            return []
         with torch.inference_mode():
-            image = pixels.to(self._device).permute(2, 0, 1).float().div_(255.0)
-            output = self._model([image])[0]
-            boxes = output['boxes'].float().cpu().numpy()
-            scores = output['scores'].float().cpu().numpy()
-            labels = output['labels'].cpu().numpy()
-        np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
-        return Detections(boxes, scores, labels).above(self._score_threshold)
+            tensors = [torch.from_numpy(np.require(rgb, requirements=['C', 'W']))
+                       .to(self._device).permute(2, 0, 1).float().div_(255.0)
+                       for rgb in images]
+            outputs = self._model(tensors)
+            found = [(output['boxes'].float().cpu().numpy(),
+                      output['scores'].float().cpu().numpy(), output['labels'].cpu().numpy())
+                     for output in outputs]
+        results = []
+        for rgb, (boxes, scores, labels) in zip(images, found):
+            height, width = rgb.shape[:2]
+            np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
+            np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
+            results.append(Detections(boxes, scores, labels).above(self._score_threshold))
+        return results
 
 
 def _load_default(model: str) -> _Loaded:
