@@ -1,4 +1,4 @@
-"""fleet_load: outcome classification, metric parsing, and a short real run against cloud_server."""
+"""fleet_load: outcome classification, metric parsing, a short real run against cloud_server."""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,16 @@ from speculative_av.tools import fleet_load
 @pytest.mark.parametrize('reply, outcome', [
     (CloudReply('c', True, round_trip_ms=120.0), 'in_time'),
     (CloudReply('c', True, round_trip_ms=300.5), 'late'),
-    (CloudReply('c', False, error='DEADLINE_EXCEEDED: predicted completion 410 ms after the '
-                                  'deadline'), 'rejected'),
+    (CloudReply('c', False, error='DEADLINE_EXCEEDED: predicted completion 410 ms after '
+                'the deadline'), 'rejected'),
     (CloudReply('c', False, error='DEADLINE_EXCEEDED: Deadline Exceeded'), 'expired'),
     (CloudReply('c', False, error='DEADLINE_EXCEEDED: expired in the server queue '
-                                  '(UNAVAILABLE: Request timeout expired)'), 'expired'),
+                '(UNAVAILABLE: Request timeout expired)'), 'expired'),
     (CloudReply('c', False, error='RESOURCE_EXHAUSTED: queue full'), 'refused'),
     (CloudReply('c', False, error='UNAVAILABLE: Connection refused'), 'error'),
 ])
-def test_replies_are_classified_from_the_vehicles_point_of_view(reply: CloudReply,
-                                                                 outcome: str) -> None:
+def test_replies_are_classified_from_the_vehicles_point_of_view(
+        reply: CloudReply, outcome: str) -> None:
     assert fleet_load.classify(reply, deadline_ms=300.0) == outcome
 
 

@@ -137,8 +137,7 @@ class TritonPythonModel:
         detector = TorchvisionDetector(params['model'], params['weights'], params['device'],
                                        float(params['score_threshold']),
                                        threads if threads > 0 else None)
-        self._batch = BatchDetector(lambda images: [detector.detect(i) for i in images],
-                                    detector.categories)
+        self._batch = BatchDetector(detector.detect_batch, detector.categories)
         _LOG.info('serving %s (weights %s) on %s', detector.model_name,
                   detector.model_version, detector.device)
 

@@ -44,9 +44,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.cloud.dispatch import Call, CloudDispatcher, Plan
 from speculative_av.cloud.endpoint import Endpoint, SERVING
-from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.endpoint_factory import open_endpoint
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, Outcome, Source
 from speculative_av.core.backpressure import LatestFrameSlots

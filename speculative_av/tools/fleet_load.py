@@ -28,8 +28,8 @@ import matplotlib
 import numpy as np
 from speculative_av.cloud.codec import encode_frame, EncodedFrame
 from speculative_av.cloud.dispatch import CloudDispatcher, Plan
-from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.cloud.endpoint_factory import open_endpoint
+from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.detectors.torchvision_detector import coco_categories
@@ -85,11 +85,13 @@ class LoadPoint:
             'share_in_time': round(sum(v.outcomes['in_time'] for v in self.vehicle_results)
                                    / max(1, sum(v.frames for v in self.vehicle_results)), 4),
             'share_in_time_min': round(min(shares), 4), 'share_in_time_max': round(max(shares), 4),
-            'latency_p50_ms': _percentile(latencies, 50), 'latency_p99_ms': _percentile(latencies, 99),
+            'latency_p50_ms': _percentile(latencies, 50),
+            'latency_p99_ms': _percentile(latencies, 99),
             'outcomes': self.outcomes, 'batch_sizes': self.batch_sizes,
             'per_vehicle': [{'name': v.name, 'frames': v.frames,
                              'share_in_time': round(v.share_in_time, 4),
-                             'latency_p50_ms': v.latency_ms(50), 'latency_p99_ms': v.latency_ms(99),
+                             'latency_p50_ms': v.latency_ms(50),
+                             'latency_p99_ms': v.latency_ms(99),
                              'outcomes': v.outcomes} for v in self.vehicle_results],
         }
 
@@ -354,7 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--endpoint', action='append', required=True,
-                        help='endpoint in the node\'s cloud.endpoints syntax; repeat for replicas')
+                        help="endpoint in the node's cloud.endpoints syntax; repeat for replicas")
     parser.add_argument('--vehicles', default='1,2,4,8,16,32',
                         help='comma-separated fleet sizes to measure, in order')
     parser.add_argument('--rate', type=float, default=5.0, help='frames per second per vehicle')
