@@ -6,7 +6,7 @@ export SPECULATIVE_AV_VENV := $(VENV)
 # A Python from another ROS-wheels venv exports this guard; inheriting it breaks ours.
 PY := env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/python
 
-.PHONY: env test launch-check benchmark demo evaluation lock triton-env triton-server
+.PHONY: env test launch-check benchmark demo evaluation lock triton-env triton-server fleet-table
 
 env:
 	@tools/bootstrap.sh
@@ -47,3 +47,8 @@ triton-env: env
 
 triton-server: triton-env
 	env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(TRITON_VENV)/bin/python -m speculative_av.cloud.triton_server $(TRITON_ARGS)
+
+# README "Serving a fleet" table: fleet_load against FIFO (before), deadline-aware, + batching,
+# Triton (~15 min on a quiet machine; FLEET_SIZES, FLEET_DURATION, FLEET_OUT override).
+fleet-table: triton-env
+	FLEET_PYTHON=$(VENV)/bin/python tools/fleet_table.sh

@@ -12,6 +12,7 @@ import signal
 import threading
 
 import numpy as np
+import pytest
 from ros_harness import running, wait_until
 from speculation_rig import camera_command, detector, free_port, observer
 from speculative_av.cloud.codec import encode_frame
@@ -63,10 +64,14 @@ def test_node_races_triton_cloud_wins_local_while_stopped_cloud_again_after(
             _stop(triton.process)
 
 
-def test_requests_expired_in_tritons_queue_are_late_not_a_dead_server(
-        triton_venv: Path, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
-    """Triton answers a queue timeout with UNAVAILABLE; the endpoint must stay healthy."""
-    triton = start_server(tmp_path, '--max-batch-size', '1', '--queue-timeout-ms', '100')
+@pytest.mark.parametrize('queue, shed', [
+    (('--queue-timeout-ms', '100'), 'DEADLINE_EXCEEDED: expired in the server queue'),
+    (('--max-queue-size', '2'), 'RESOURCE_EXHAUSTED: the server queue is full')])
+def test_requests_tritons_queue_sheds_are_not_in_time_not_a_dead_server(
+        triton_venv: Path, tmp_path: Path, queue: tuple[str, str],  # noqa: F811 (fixture)
+        shed: str) -> None:
+    """Triton answers a queue timeout or a full queue with UNAVAILABLE; stay healthy."""
+    triton = start_server(tmp_path, '--max-batch-size', '1', *queue)
     transitions: list[str] = []
     replies: list[CloudReply] = []
     done = threading.Condition()
@@ -84,14 +89,14 @@ def test_requests_expired_in_tritons_queue_are_late_not_a_dead_server(
                            on_health_change=lambda n, old, new, e: transitions.append(new)
                            ) as endpoint:
             wait_until(lambda: endpoint.healthy, 30, 'the endpoint to verify Triton')
-            burst = 12  # ~90 ms each, one at a time: most wait in the queue past 100 ms
+            burst = 12  # ~90 ms each, one at a time: most wait in the queue
             for i in range(burst):
                 endpoint.submit(frame, f'f{i}', 0, 10.0, 0, keep)
             with done:
                 assert done.wait_for(lambda: len(replies) == burst, 60)
-            expired = [r for r in replies if not r.ok]
-            assert expired and all(r.error.startswith('DEADLINE_EXCEEDED: expired in the '
-                                                      'server queue') for r in expired)
+            shed_replies = [r for r in replies if not r.ok]
+            assert shed_replies and all(r.error.startswith(shed) for r in shed_replies), [
+                r.error for r in shed_replies]
             assert any(r.ok for r in replies)
             assert endpoint.healthy and transitions == ['SERVING'], transitions
     finally:

@@ -264,8 +264,9 @@ class Endpoint(abc.ABC, Generic[ModelT]):
         exc = future.exception()
         if exc is not None:
             error = error_text(exc)
-            if isinstance(exc, grpc.Call) and self._expired_in_queue(exc):
-                return failed(f'DEADLINE_EXCEEDED: expired in the server queue ({error})')
+            shed = self._shed_load(exc) if isinstance(exc, grpc.Call) else ''
+            if shed:
+                return failed(f'{shed} ({error})')
             if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._interrupt(UNREACHABLE, error)  # a new session tells if it is still there
             return failed(error)
@@ -283,9 +284,14 @@ class Endpoint(abc.ABC, Generic[ModelT]):
             _LOG.warning('%s: unusable reply to frame %s: %s', self._name, frame_id, bad)
             return failed(f'bad reply: {bad}')
 
-    def _expired_in_queue(self, call: grpc.Call) -> bool:
-        """Return whether a failed call is the server dropping a request that ran out of time."""
-        return False
+    def _shed_load(self, call: grpc.Call) -> str:
+        """
+        Return how to report a failed call that is the server shedding load, else ''.
+
+        Such a call is "not in time", not a sign of a dead server; the reported error starts
+        with the gRPC code a server with this project's semantics would have used.
+        """
+        return ''
 
     def _serving(self, next_check_in_s: float) -> bool:
         """

@@ -37,7 +37,9 @@ class OipModel:
     versions: frozenset[str]
 
 
-QUEUE_TIMEOUT_DETAILS = 'Request timeout expired'  # Triton's words for a queue-timed-out request
+# How Triton words the UNAVAILABLE of a request its queue policy dropped.
+QUEUE_TIMEOUT_DETAILS = 'Request timeout expired'
+QUEUE_FULL_DETAILS = 'Exceeds maximum queue size'
 
 
 class OipEndpoint(Endpoint[OipModel]):
@@ -77,14 +79,16 @@ class OipEndpoint(Endpoint[OipModel]):
         with self._lock:
             return dict(self._unknown_labels)
 
-    def _expired_in_queue(self, call: grpc.Call) -> bool:
-        """
-        Triton answers a request its queue policy timed out with UNAVAILABLE.
-
-        That is "not in time", not "server down": the endpoint stays healthy.
-        """
-        return (call.code() == grpc.StatusCode.UNAVAILABLE
-                and QUEUE_TIMEOUT_DETAILS in (call.details() or ''))
+    def _shed_load(self, call: grpc.Call) -> str:
+        """Triton answers a request its queue timed out, or had no room for, with UNAVAILABLE."""
+        details = call.details() or ''
+        if call.code() != grpc.StatusCode.UNAVAILABLE:
+            return ''
+        if QUEUE_TIMEOUT_DETAILS in details:
+            return 'DEADLINE_EXCEEDED: expired in the server queue'
+        if QUEUE_FULL_DETAILS in details:
+            return 'RESOURCE_EXHAUSTED: the server queue is full'
+        return ''
 
     def _start_call(self, frame: EncodedFrame, frame_id: str, stamp_ns: int, timeout_s: float,
                     deadline_unix_ns: int) -> grpc.Future:

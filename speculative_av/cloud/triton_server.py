@@ -60,7 +60,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}
   default_queue_policy {{
     timeout_action: REJECT default_timeout_microseconds: {queue_timeout_us}
-    allow_timeout_override: true
+    allow_timeout_override: true max_queue_size: {max_queue_size}
   }}
 }}
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
@@ -118,11 +118,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--queue-timeout-ms', type=float, default=10000.0,
                         help='a request still queued after this is rejected; the "timeout" '
                         'parameter (microseconds) of a request can only shorten it')
+    parser.add_argument('--max-queue-size', type=int, default=0,
+                        help='requests waiting in the batcher; beyond, rejected at once '
+                        '(0: unbounded, as Triton defaults)')
     parser.add_argument('--startup-timeout', type=float, default=180.0,
                         help='seconds to wait for the model to be ready')
     args = parser.parse_args(argv)
     if args.max_queue_delay_ms < 0:
         parser.error('--max-queue-delay-ms must be >= 0')
+    if args.max_queue_size < 0:
+        parser.error('--max-queue-size must be >= 0')
     if args.queue_timeout_ms <= 0:
         parser.error('--queue-timeout-ms must be > 0 (Triton ignores request timeouts without it)')
     if args.weights not in ('DEFAULT', 'random'):
@@ -156,7 +161,8 @@ def write_model_repository(root: Path, args: argparse.Namespace) -> Path:
     (model_dir / 'config.pbtxt').write_text(_CONFIG_TEMPLATE.format(
         name=args.model_name, max_batch_size=args.max_batch_size,
         queue_delay_us=round(args.max_queue_delay_ms * 1000),
-        queue_timeout_us=round(args.queue_timeout_ms * 1000), model=args.model,
+        queue_timeout_us=round(args.queue_timeout_ms * 1000),
+        max_queue_size=args.max_queue_size, model=args.model,
         weights=args.weights, device=args.device, score_threshold=args.score_threshold,
         threads=args.threads))
     (model_dir / '1' / 'model.py').write_text(_MODEL_PY)

@@ -355,7 +355,7 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--endpoint', action='append', required=True,
+    parser.add_argument('--endpoint', action='append', default=[],
                         help="endpoint in the node's cloud.endpoints syntax; repeat for replicas")
     parser.add_argument('--vehicles', default='1,2,4,8,16,32',
                         help='comma-separated fleet sizes to measure, in order')
@@ -382,7 +382,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--plot', type=Path, help='write a goodput plot here')
     parser.add_argument('--compare', type=Path, nargs='*', default=[],
                         help='earlier --json reports to draw in the same plot')
+    parser.add_argument('--replot', action='store_true',
+                        help='only draw --plot from the --compare reports, measuring nothing')
     args = parser.parse_args(argv)
+    if args.replot:
+        if not (args.plot and args.compare):
+            parser.error('--replot needs --plot and --compare')
+        return args
+    if not args.endpoint:
+        parser.error('at least one --endpoint is required')
     try:
         args.sizes = [int(n) for n in args.vehicles.split(',')]
         parse_endpoints(args.endpoint)
@@ -404,6 +412,10 @@ def _categories(choice: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Measure each fleet size; print the table; write JSON and a plot when asked."""
     args = parse_args(argv)
+    if args.replot:
+        plot({r['label']: r for r in (json.loads(p.read_text()) for p in args.compare)},
+             args.plot)
+        return 0
     security = ChannelSecurity.from_settings(insecure=args.insecure, ca_file=args.ca_file,
                                              token_file=args.token_file)
     categories = _categories(args.categories)
