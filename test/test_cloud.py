@@ -118,12 +118,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def plain_and_slow_servers(logs: Path,
-                           extra_latency_ms: float) -> Iterator[dict[str, ServerProcess]]:
-    """Run a plain server and one with extra latency (started in parallel: imports take s)."""
-    started = {'plain': ServerProcess(logs / 'plain.log'),
-               'slow': ServerProcess(logs / 'slow.log', '--extra-latency-ms',
-                                     str(extra_latency_ms))}
+def serving_together(
+        started: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
+    """Wait for servers started in parallel (imports take seconds); stop them in parallel too."""
     try:
         for server in started.values():
             server.wait_serving()
@@ -133,6 +130,14 @@ def plain_and_slow_servers(logs: Path,
             server.process.send_signal(signal.SIGTERM)  # exits take a second: overlap them
         for server in started.values():
             server.terminate()
+
+
+def plain_and_slow_servers(logs: Path, extra_latency_ms: float
+                           ) -> contextlib.AbstractContextManager[dict[str, ServerProcess]]:
+    """Run a plain server and one with extra latency."""
+    return serving_together({
+        'plain': ServerProcess(logs / 'plain.log'),
+        'slow': ServerProcess(logs / 'slow.log', '--extra-latency-ms', str(extra_latency_ms))})
 
 
 @pytest.fixture(scope='module')

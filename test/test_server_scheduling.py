@@ -25,7 +25,7 @@ from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
 from speculative_av.cloud.server import parse_args
-from test_cloud import ServerProcess
+from test_cloud import ServerProcess, serving_together
 
 QUEUED_BEHIND = 6  # requests with a late deadline queued before the urgent one
 
@@ -35,21 +35,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     """Start a deadline server, a FIFO one and a batching one with metrics (in parallel)."""
     logs = tmp_path_factory.mktemp('scheduling_logs')
     common = ('--threads', '1', '--metrics-port', '0')
-    started = {
+    with serving_together({
         'deadline': ServerProcess(logs / 'deadline.log', *common),
         'fifo': ServerProcess(logs / 'fifo.log', '--scheduling', 'fifo', *common),
         'batching': ServerProcess(logs / 'batching.log', '--max-batch-size', '4',
                                   '--max-queue-delay-ms', '100', *common),
-    }
-    try:
-        for server in started.values():
-            server.wait_serving()
+    }) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.process.terminate()  # exits take a second: overlap them
-        for server in started.values():
-            server.terminate()
 
 
 @pytest.fixture(scope='module')

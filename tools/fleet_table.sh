@@ -21,11 +21,12 @@ trap '[[ -n $server ]] && kill -TERM "$server" 2>/dev/null; wait' EXIT
 
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# measure LABEL ENDPOINT METRICS_URL: the sweep against the server started last, then stop it.
+# measure LABEL ENDPOINT METRICS_URL [CAPACITY_CALLS]: the sweep against the server started
+# last, then stop it. Capacity is measured with 4 calls in flight unless the server queues fewer.
 measure() {
   echo "== $1" >&2
   "$py" -m speculative_av.tools.fleet_load --endpoint "$2" --insecure --vehicles "$sizes" \
-    --duration "$duration" --capacity 4 ${3:+--metrics-url "$3"} --label "$1" \
+    --duration "$duration" --capacity "${4:-4}" ${3:+--metrics-url "$3"} --label "$1" \
     --json "$out/$1.json" | tee "$out/$1.md"
   kill -TERM "$server" && wait "$server" || true
   server=''
@@ -63,7 +64,7 @@ for variant in triton:4:0 triton-batch1-queue2:1:2; do
     --max-queue-size "$queue" >/dev/null 2>"$out/$label.server.log" &
   server=$!
   measure "$label" "kserve://127.0.0.1:$grpc/speculative_detector" \
-    "http://127.0.0.1:$metrics/metrics"
+    "http://127.0.0.1:$metrics/metrics" "$((queue > 0 && queue < 4 ? queue + 1 : 4))"
 done
 
 "$py" -m speculative_av.tools.fleet_load --replot --plot "$out/fleet.png" \

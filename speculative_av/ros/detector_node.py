@@ -658,6 +658,10 @@ class SpeculativeDetector(LifecycleNode):
                 **self._counters, 'dropped_frames': sum(self._slots.dropped.values()),
                 'late': self._stats.late, 'no_winner': self._stats.no_winner,
                 'open_frames': self._arbiter.open_frames()}
+            if self._dispatcher is not None:
+                dispatched = self._dispatcher.stats()
+                counters.update(cloud_calls=dispatched.sent, cloud_hedged=dispatched.hedged,
+                                cloud_hedges_denied=dispatched.hedges_denied)
             for q in (50, 95):
                 value = percentile(self._stats.overhead_ms, q)
                 counters[f'node_overhead_ms_p{q}'] = round(value, 3) if value is not None else 0

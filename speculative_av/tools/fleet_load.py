@@ -342,7 +342,11 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
         if report.get('capacity_per_s'):
             ax.axhline(report['capacity_per_s'], linestyle=':', linewidth=1, color='grey')
     ax.set_xscale('log', base=2)
-    ax.set_xlabel('vehicles (each 5 frames/s unless stated)')
+    sizes = sorted({p['vehicles'] for report in runs.values() for p in report['points']})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    rates = sorted({report['rate'] for report in runs.values()})
+    ax.set_xlabel(f'vehicles, each {" or ".join(f"{r:g}" for r in rates)} frames/s')
     ax.set_ylabel('replies in time per second (goodput)')
     ax.set_title('Fleet load: goodput against fleet size (dotted: capacity)')
     ax.grid(alpha=0.3)
