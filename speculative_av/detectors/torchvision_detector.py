@@ -2,7 +2,9 @@
 Run a torchvision detection architecture on RGB arrays.
 
 Weights come from torchvision's pretrained default (downloaded once into the torch hub cache), a
-local checkpoint file, or a fixed-seed random initialisation for tests.
+local checkpoint file, or a fixed-seed random initialisation for tests. The model runs in eager
+PyTorch (backend 'torch') or, exported to ONNX and cached, in ONNX Runtime (backend
+'onnxruntime', :mod:`speculative_av.detectors.onnx_backend`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import numpy.typing as npt
 from speculative_av.core.detections import Detections
+from speculative_av.detectors.onnx_backend import OnnxRuntimeModel, OnnxSettings, Outputs
 import torch
 import torchvision
 
@@ -25,6 +28,9 @@ RANDOM_SEED = 0
 COCO_NUM_CLASSES = 91
 _INT8_SCALE = '.int8_scale'  # state_dict key suffix of an int8-stored tensor's per-row scales
 _INT8_MIN_SIZE = 4096  # smaller tensors stay float: they hardly add to the file size
+TORCH_BACKEND = 'torch'
+ONNXRUNTIME_BACKEND = 'onnxruntime'
+BACKENDS = (TORCH_BACKEND, ONNXRUNTIME_BACKEND)
 
 
 def detection_models() -> list[str]:
@@ -68,15 +74,20 @@ class TorchvisionDetector:
     """A torchvision detector that maps an RGB image to :class:`Detections`."""
 
     def __init__(self, model: str, weights: str = DEFAULT_WEIGHTS, device: str = 'cpu',
-                 score_threshold: float = 0.3, threads: int | None = None) -> None:
+                 score_threshold: float = 0.3, threads: int | None = None,
+                 backend: str = TORCH_BACKEND, onnx: OnnxSettings | None = None) -> None:
         """
-        Build ``model`` with ``weights`` on ``device``.
+        Build ``model`` with ``weights`` on ``device``, run by ``backend``.
 
         ``weights`` is 'DEFAULT' (torchvision's pretrained weights), 'random' (tests only) or
-        the path of a checkpoint file. Raises ValueError for an unknown model, weights or device
-        name and RuntimeError when the pretrained weights cannot be downloaded or CUDA is
-        unavailable.
+        the path of a checkpoint file. ``backend`` is 'torch' (eager) or 'onnxruntime' (the
+        model exported on first use of an image size, cached as ``onnx`` says). Raises
+        ValueError for an unknown model, weights, device or backend name and RuntimeError when
+        the pretrained weights cannot be downloaded, CUDA is unavailable or onnxruntime is
+        missing.
         """
+        if backend not in BACKENDS:
+            raise ValueError(f'unknown backend {backend!r}; valid: {", ".join(BACKENDS)}')
         valid = detection_models()
         if model not in valid:
             raise ValueError(f'unknown torchvision detection model {model!r}; valid names: '
@@ -101,6 +112,20 @@ class TorchvisionDetector:
         self._model_version = loaded.version
         self._metadata = loaded.metadata
         self._score_threshold = float(score_threshold)
+        self._backend = backend
+        self._onnx = None if backend == TORCH_BACKEND else OnnxRuntimeModel(
+            self._model, model, self._device, self._score_threshold, threads,
+            onnx or OnnxSettings())
+
+    @property
+    def backend(self) -> str:
+        """Return what runs the model: 'torch' or 'onnxruntime'."""
+        return self._backend
+
+    @property
+    def onnx_model(self) -> OnnxRuntimeModel | None:
+        """Return the ONNX Runtime model of the 'onnxruntime' backend (None for 'torch')."""
+        return self._onnx
 
     @property
     def categories(self) -> list[str]:
@@ -154,6 +179,20 @@ class TorchvisionDetector:
                                  f'{rgb.shape}')
         if not images:
             return []
+        if self._onnx is not None:
+            found = [self._onnx.run(rgb) for rgb in images]
+        else:
+            found = self._run_torch(images)
+        results = []
+        for rgb, (boxes, scores, labels) in zip(images, found):
+            height, width = rgb.shape[:2]
+            np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
+            np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
+            results.append(Detections(boxes, scores, labels).above(self._score_threshold))
+        return results
+
+    def _run_torch(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[Outputs]:
+        """Return boxes, scores and labels per image from one eager forward pass."""
         with torch.inference_mode():
             tensors = [torch.from_numpy(np.require(rgb, requirements=['C', 'W']))
                        .to(self._device).permute(2, 0, 1).float().div_(255.0)
@@ -162,13 +201,7 @@ class TorchvisionDetector:
             found = [(output['boxes'].float().cpu().numpy(),
                       output['scores'].float().cpu().numpy(), output['labels'].cpu().numpy())
                      for output in outputs]
-        results = []
-        for rgb, (boxes, scores, labels) in zip(images, found):
-            height, width = rgb.shape[:2]
-            np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
-            np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
-            results.append(Detections(boxes, scores, labels).above(self._score_threshold))
-        return results
+        return found
 
 
 def _load_default(model: str) -> _Loaded:

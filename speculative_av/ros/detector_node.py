@@ -53,7 +53,7 @@ from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
 from speculative_av.core.stats import percentile, SpeculationStats
-from speculative_av.detectors.torchvision_detector import TorchvisionDetector
+from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  ImageConversionError, rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
@@ -159,6 +159,10 @@ class SpeculativeDetector(LifecycleNode):
                 value_range=(0.0, 1.0))
         declare(self, 'local.threads', 0, 'torch intra-op threads; 0 = torch default.',
                 read_only=True, value_range=(0, 1024))
+        declare(self, 'local.backend', TORCH_BACKEND,
+                "What runs the local model: 'torch' (eager PyTorch) or 'onnxruntime' (the "
+                'model exported to ONNX once, cached under ~/.cache/speculative_av/onnx, run by '
+                'ONNX Runtime: CPU here, CUDA/TensorRT on a GPU device).', read_only=True)
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
                 "Cloud detectors as '[name=]host:port[@priority]' (native protocol) or "
@@ -229,7 +233,8 @@ class SpeculativeDetector(LifecycleNode):
             self._detector = TorchvisionDetector(
                 self.get_parameter('local.model').value, self.get_parameter('local.weights').value,
                 self.get_parameter('local.device').value,
-                self.get_parameter('local.score_threshold').value, threads=threads or None)
+                self.get_parameter('local.score_threshold').value, threads=threads or None,
+                backend=self.get_parameter('local.backend').value)
             specs: list[EndpointSpec] = (
                 parse_endpoints(self.get_parameter('cloud.endpoints').value)
                 if self.get_parameter('cloud.enabled').value else [])
