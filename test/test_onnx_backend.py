@@ -36,13 +36,13 @@ def _pair(cache_dir: Path, threshold: float) -> tuple[TorchvisionDetector, Torch
 
 @pytest.fixture(scope='module')
 def all_scores(cache_dir: Path) -> tuple[TorchvisionDetector, TorchvisionDetector]:
-    """Threshold 0: every one of the model's 300 detections is compared."""
+    """Compare every one of the model's 300 detections (threshold 0)."""
     return _pair(cache_dir, 0.0)
 
 
 @pytest.fixture(scope='module')
 def thresholded(cache_dir: Path) -> tuple[TorchvisionDetector, TorchvisionDetector]:
-    """The node's default threshold, which the export applies before NMS."""
+    """Compare at the node's default threshold, which the export applies before NMS."""
     return _pair(cache_dir, 0.3)
 
 

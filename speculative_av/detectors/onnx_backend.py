@@ -65,7 +65,7 @@ class OnnxSettings:
 def import_onnxruntime() -> Any:
     """Import onnxruntime, or raise RuntimeError saying how to get it."""
     try:
-        import onnxruntime
+        import onnxruntime  # type: ignore[import-untyped]
     except ImportError as exc:
         raise RuntimeError(
             "backend 'onnxruntime' needs the onnxruntime package (pinned in "
@@ -245,4 +245,3 @@ def _quiet_export_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         yield
-
