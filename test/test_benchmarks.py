@@ -82,3 +82,54 @@ def test_node_cpu_with_the_local_detector_slower_than_the_deadline():
           f'({100 * cpu / wall:.0f}% of one core), {1e3 * cpu / len(decisions):.0f} ms CPU per '
           f'frame; local latency p50 {np.median(local):.0f} ms, p95 '
           f'{np.percentile(local, 95):.0f} ms; late {sum(d["late"] == "true" for d in decisions)}')
+
+
+@pytest.mark.parametrize('model', ['ssdlite320_mobilenet_v3_large',
+                                   'fasterrcnn_mobilenet_v3_large_320_fpn'])
+@pytest.mark.parametrize('weights', ['random', 'trained'])
+def test_local_backends_latency_640x480(model, weights, tmp_path):
+    """
+    Eager PyTorch against ONNX Runtime on one 640x480 frame: p50/p99 over 100 frames, 1 and 2 threads.
+
+    Also the export (first use of a size) and a cache hit (a new detector on the filled cache).
+    The threshold is the node's default 0.3, which the export applies before NMS.
+    """
+    import torch
+    from speculative_av.detectors.onnx_backend import OnnxSettings
+    from speculative_av.detectors.torchvision_detector import TorchvisionDetector
+    from speculative_av.scenes.generator import generate_scene
+    if weights == 'trained' and model != 'ssdlite320_mobilenet_v3_large':
+        pytest.skip('the repository ships a trained checkpoint of ssdlite320 only')
+    weights_arg = str(model_path('local_ssdlite320.pt')) if weights == 'trained' else 'random'
+    image = generate_scene(1).image
+    frames = 100
+    settings = OnnxSettings(cache_dir=tmp_path)
+
+    def latency(detector):
+        for _ in range(5):
+            detector.detect(image)
+        times = []
+        for _ in range(frames):
+            started = time.perf_counter()
+            detector.detect(image)
+            times.append((time.perf_counter() - started) * 1e3)
+        return np.median(times), np.percentile(times, 99)
+
+    started = time.perf_counter()
+    TorchvisionDetector(model, weights_arg, threads=1, backend='onnxruntime',
+                        onnx=settings).detect(image)
+    export_s = time.perf_counter() - started
+    started = time.perf_counter()
+    TorchvisionDetector(model, weights_arg, threads=1, backend='onnxruntime',
+                        onnx=settings).detect(image)
+    cached_s = time.perf_counter() - started
+    print(f'\n{model}, {weights} weights, 640x480: first use with export {export_s:.2f} s, '
+          f'first use from the cache {cached_s:.2f} s (both including model build)')
+    for threads in (1, 2):
+        for backend in ('torch', 'onnxruntime'):
+            detector = TorchvisionDetector(model, weights_arg, threads=threads, backend=backend,
+                                           onnx=settings)
+            p50, p99 = latency(detector)
+            print(f'  {backend:11s} {threads} thread(s): p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, '
+                  f'{len(detector.detect(image))} detections')
+    torch.set_num_threads(1)
