@@ -154,7 +154,7 @@ class OnnxRuntimeModel:
         try:
             with torch.no_grad(), self._candidates_above(), _quiet_export_warnings():
                 example = torch.zeros(3, height, width, device=next(self._net.parameters()).device)
-                torch.onnx.export(self._net, ([example],), temporary,
+                torch.onnx.export(_OneImage(self._net), (example,), temporary,
                                   dynamo=False, opset_version=OPSET, input_names=['image'],
                                   output_names=['boxes', 'scores', 'labels'])
             os.replace(temporary, path)  # atomic: readers see no file or the whole file
@@ -176,6 +176,25 @@ class OnnxRuntimeModel:
         finally:
             for name, value in saved.items():
                 _set(self._net, name, value)
+
+
+class _OneImage(torch.nn.Module):
+    """
+    A detection model on one image tensor, returning (boxes, scores, labels) in that order.
+
+    Models return their outputs in a dict whose order differs (SSD: boxes, scores, labels;
+    Faster R-CNN: boxes, labels, scores); the export's outputs are positional.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        """Wrap ``net``."""
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detect in one (3, H, W) float image in [0, 1]."""
+        found = self.net([image])[0]
+        return found['boxes'], found['scores'], found['labels']
 
 
 def _raised_candidate_threshold(net: torch.nn.Module, score_threshold: float) -> float | None:
