@@ -7,7 +7,11 @@ import pytest
 from ros_harness import running, wait_until
 from speculation_rig import camera_command, cloud_server, detector, free_port, observer
 
+from speculative_av.detectors.onnx_backend import OnnxSettings
+from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from speculative_av.package_files import model_path
+from speculative_av.scenes.generator import generate_scene
+import torch
 
 pytestmark = pytest.mark.benchmark
 
@@ -89,15 +93,11 @@ def test_node_cpu_with_the_local_detector_slower_than_the_deadline():
 @pytest.mark.parametrize('weights', ['random', 'trained'])
 def test_local_backends_latency_640x480(model, weights, tmp_path):
     """
-    Eager PyTorch against ONNX Runtime on one 640x480 frame: p50/p99 over 100 frames, 1 and 2 threads.
+    Eager PyTorch against ONNX Runtime at 640x480: p50/p99 over 100 frames, 1 and 2 threads.
 
     Also the export (first use of a size) and a cache hit (a new detector on the filled cache).
     The threshold is the node's default 0.3, which the export applies before NMS.
     """
-    import torch
-    from speculative_av.detectors.onnx_backend import OnnxSettings
-    from speculative_av.detectors.torchvision_detector import TorchvisionDetector
-    from speculative_av.scenes.generator import generate_scene
     if weights == 'trained' and model != 'ssdlite320_mobilenet_v3_large':
         pytest.skip('the repository ships a trained checkpoint of ssdlite320 only')
     weights_arg = str(model_path('local_ssdlite320.pt')) if weights == 'trained' else 'random'
@@ -105,13 +105,13 @@ def test_local_backends_latency_640x480(model, weights, tmp_path):
     frames = 100
     settings = OnnxSettings(cache_dir=tmp_path)
 
-    def latency(detector):
+    def latency(timed):
         for _ in range(5):
-            detector.detect(image)
+            timed.detect(image)
         times = []
         for _ in range(frames):
             started = time.perf_counter()
-            detector.detect(image)
+            timed.detect(image)
             times.append((time.perf_counter() - started) * 1e3)
         return np.median(times), np.percentile(times, 99)
 
@@ -127,9 +127,9 @@ def test_local_backends_latency_640x480(model, weights, tmp_path):
           f'first use from the cache {cached_s:.2f} s (both including model build)')
     for threads in (1, 2):
         for backend in ('torch', 'onnxruntime'):
-            detector = TorchvisionDetector(model, weights_arg, threads=threads, backend=backend,
-                                           onnx=settings)
-            p50, p99 = latency(detector)
+            timed = TorchvisionDetector(model, weights_arg, threads=threads, backend=backend,
+                                        onnx=settings)
+            p50, p99 = latency(timed)
             print(f'  {backend:11s} {threads} thread(s): p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, '
-                  f'{len(detector.detect(image))} detections')
+                  f'{len(timed.detect(image))} detections')
     torch.set_num_threads(1)

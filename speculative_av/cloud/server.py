@@ -34,7 +34,8 @@ from speculative_av.cloud.scheduler import (
 from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
 from speculative_av.cloud.server_metrics import ServerMetrics
 from speculative_av.core.detections import Detections
-from speculative_av.detectors.torchvision_detector import detection_models, TorchvisionDetector
+from speculative_av.detectors.torchvision_detector import (BACKENDS, detection_models,
+                                                           TorchvisionDetector)
 
 _LOG = logging.getLogger('cloud_server')
 _Request = TypeVar('_Request', bound=Message)
@@ -360,7 +361,7 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
         _LOG.info('metrics on http://%s:%d/metrics', address, metrics_port)
     try:
         detector = TorchvisionDetector(args.model, args.weights, args.device,
-                                       args.score_threshold, args.threads)
+                                       args.score_threshold, args.threads, backend=args.backend)
     except (ValueError, RuntimeError, OSError) as exc:
         _LOG.error('could not load %s: %s', args.model, exc)
         server.stop(None)
@@ -430,6 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='delay every reply, emulating a distant data center')
     parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
+    parser.add_argument('--backend', choices=BACKENDS, default=BACKENDS[0],
+                        help="what runs the model: eager 'torch' or 'onnxruntime' (exported once, "
+                        'cached)')
     parser.add_argument('--log-level', default='INFO',
                         choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
     add_server_arguments(parser)
