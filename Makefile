@@ -39,8 +39,9 @@ evaluation: env
 # README, "Mutation testing"): ~5 min on one core. Starts from a clean mutants/ each time, so
 # no verdict is stale; afterwards `mutmut results` lists survivors, `mutmut show NAME` the diff.
 MUTATION_JOBS ?= 1
+# COLCON_IGNORE: the copy holds a package.xml, which colcon would take for a second package.
 mutation: env
-	rm -rf mutants
+	rm -rf mutants && mkdir mutants && touch mutants/COLCON_IGNORE
 	set -o pipefail; env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/mutmut run \
 	    --max-children $(MUTATION_JOBS) | tr '\r' '\n' | tail -n 3
 	$(PY) tools/mutation_summary.py mutants

@@ -6,7 +6,6 @@ any pixel is decoded; every decoder failure must surface as the caller's error t
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import tracemalloc
 
@@ -127,12 +126,15 @@ def test_scan_markers_in_metadata_are_not_counted() -> None:
 def test_scans_are_counted_past_fill_bytes_and_long_metadata_segments() -> None:
     """Header segments are skipped by their (two-byte) lengths wherever they are."""
     app15 = b'\xff\xef' + (2 + 300).to_bytes(2, 'big') + b'\xff\xda' * 150
-    for scans, data in [(10, progressive_jpeg()), (17, progressive_jpeg(7))]:
+
+    def hide(data: bytes) -> bytes:
+        """Add a fill byte before the first marker and app15 just before the first scan."""
         first_scan = data.index(b'\xff\xda')
-        hidden = data[:2] + b'\xff\xff' + data[2:first_scan] + app15 + data[first_scan:]
-        with pytest.raises(ImageDecodeError, match='jpeg has 17 scans') if scans == 17 else \
-                contextlib.nullcontext():
-            assert decode_rgb(hidden, 'jpeg').shape == (64, 64, 3)
+        return data[:2] + b'\xff' + data[2:first_scan] + app15 + data[first_scan:]
+
+    assert decode_rgb(hide(progressive_jpeg()), 'jpeg').shape == (64, 64, 3)  # 10 scans
+    with pytest.raises(ImageDecodeError, match='jpeg has 17 scans, more than the 16 allowed$'):
+        decode_rgb(hide(progressive_jpeg(7)), 'jpeg')
     gray = cv2.imencode('.jpg', np.zeros((16, 16), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
     assert image_decoding._jpeg_scans(gray[1].tobytes()) == 6
 
@@ -147,7 +149,7 @@ def test_a_header_cut_short_counts_no_scans(data: bytes) -> None:
 def test_png_header_needs_the_ihdr_chunk_and_24_bytes() -> None:
     header = png_claiming(3_000_000_000, 2)[:24]
     assert declared_size(header, 'png') == (3_000_000_000, 2)  # unsigned, as png defines it
-    with pytest.raises(ImageDecodeError, match='png signature and IHDR chunk'):
+    with pytest.raises(ImageDecodeError, match='start with the png signature and IHDR chunk$'):
         declared_size(header[:23], 'png')
     with pytest.raises(ImageDecodeError, match='png signature and IHDR chunk'):
         declared_size(header[:12] + b'IDAT' + header[16:], 'png')
