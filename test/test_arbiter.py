@@ -170,7 +170,7 @@ def test_next_deadline_tracks_undecided_frames(arbiter):
 
 
 def test_open_requires_a_source(arbiter):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='^a frame needs at least one source$'):
         arbiter.open('cam', 0, 0, 100, [])
 
 
@@ -248,13 +248,17 @@ def test_shift_clock_keeps_the_remaining_budget_and_restarts_ordering(arbiter):
     arbiter.shift_clock(-5000 * MS)  # ROS time jumped back by 5 s
     assert arbiter.next_deadline_ns() == 100 * MS
     assert arbiter.tick(99 * MS).decisions == []
-    [decision] = arbiter.tick(100 * MS).decisions
+    out = arbiter.tick(100 * MS)
+    [decision] = out.decisions
     assert decision.winner == 'local' and not decision.late
+    [record] = arbiter.cancelled(key, 'cloud', 101 * MS).settled
+    assert (record.start_ns, record.latency_ms('local')) == (0, 20)  # both on the new timeline
     assert open_frame(arbiter, stamp_ms=1, deadline_ms=101) is not None  # no longer stale
 
 
 def test_negative_tolerance_is_refused():
-    with pytest.raises(ValueError, match='tolerance'):
+    with pytest.raises(ValueError,
+                       match='^stamp_backstep_tolerance_ns must not be negative, got -1$'):
         Arbiter(stamp_backstep_tolerance_ns=-1)
 
 
@@ -270,3 +274,125 @@ def test_a_call_is_wanted_until_its_source_resolves_or_is_asked_to_cancel(arbite
     arbiter.arrive(key, 'local', dets(1), 40 * MS)
     arbiter.cancelled(key, 'edge', 41 * MS)
     assert not arbiter.wants(key, 'edge')  # the frame is settled and forgotten
+
+
+def test_a_late_result_is_published_at_once_though_a_higher_priority_source_is_pending(arbiter):
+    """Past the deadline nothing is worth waiting for: the first arrival wins, marked late."""
+    key = open_frame(arbiter)
+    assert arbiter.tick(100 * MS).decisions == []
+    out = arbiter.arrive(key, 'local', dets(1), 130 * MS)
+    [decision] = out.decisions
+    assert (decision.winner, decision.late, decision.released_ns) == ('local', True, 130 * MS)
+    assert out.cancel == [(key, 'cloud')]  # still pending, and it can no longer win
+
+
+def test_a_frame_whose_sources_all_fail_after_the_deadline_is_marked_late(arbiter):
+    key = open_frame(arbiter)
+    arbiter.tick(100 * MS)
+    assert arbiter.fail(key, 'cloud', 110 * MS, 'DEADLINE_EXCEEDED').decisions == []
+    [decision] = arbiter.fail(key, 'local', 120 * MS, 'inference error').decisions
+    assert (decision.winner, decision.late, decision.released_ns) == (None, True, 120 * MS)
+
+
+def test_a_result_exactly_at_the_deadline_is_in_time(arbiter):
+    key = open_frame(arbiter, sources=[LOCAL])
+    out = arbiter.arrive(key, 'local', dets(1), 100 * MS)
+    [decision], [record] = out.decisions, out.settled
+    assert not decision.late and not record.missed_deadline('local')
+    assert record.attempts['local'].error == ''
+
+
+def test_decisions_and_records_carry_the_frame_stamp_and_deadline(arbiter):
+    key = arbiter.open('cam', 7 * MS, 9 * MS, 107 * MS, [LOCAL, CLOUD])
+    [decision] = arbiter.arrive(key, 'cloud', dets(2), 50 * MS).decisions
+    assert (decision.stamp_ns, decision.deadline_ns) == (7 * MS, 107 * MS)
+    arbiter.tick(107 * MS)
+    [record] = arbiter.fail(key, 'local', 110 * MS, 'inference error').settled
+    assert (record.stamp_ns, record.start_ns, record.deadline_ns) == (7 * MS, 9 * MS, 107 * MS)
+    assert record.latency_ms('cloud') == pytest.approx(41)
+    assert record.latency_ms('local') is None  # failed: no latency
+    assert record.latency_ms('datacenter') is None  # not tried for this frame
+    assert not arbiter.is_pending(key, 'local')  # settled and forgotten
+
+
+def test_one_tick_releases_and_settles_frames_of_several_cameras(arbiter):
+    front = open_frame(arbiter, stamp_ms=0, deadline_ms=100, camera='front')
+    held = open_frame(arbiter, stamp_ms=10, deadline_ms=100, camera='front')
+    rear = open_frame(arbiter, stamp_ms=0, deadline_ms=100, camera='rear')
+    arbiter.arrive(front, 'local', dets(1), 20 * MS)
+    arbiter.arrive(held, 'cloud', dets(2), 30 * MS)  # decided, waits for `front`
+    arbiter.arrive(held, 'local', dets(1), 40 * MS)
+    arbiter.arrive(rear, 'local', dets(3), 50 * MS)
+    out = arbiter.tick(100 * MS)
+    assert [d.key for d in out.decisions] == [front, held, rear]
+    assert [r.key for r in out.settled] == [held]  # the others wait for their cloud calls
+    assert out.cancel == [(front, 'cloud'), (rear, 'cloud')]
+
+
+def test_a_tick_before_the_deadline_leaves_the_deadline_due(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    assert arbiter.tick(50 * MS).decisions == []
+    assert arbiter.next_deadline_ns() == 100 * MS
+    assert [d.winner for d in arbiter.tick(100 * MS).decisions] == ['local']
+
+
+def test_a_cancelled_call_is_recorded_with_its_end_time(arbiter):
+    key = open_frame(arbiter)
+    arbiter.arrive(key, 'local', dets(1), 20 * MS)
+    arbiter.tick(100 * MS)
+    [record] = arbiter.cancelled(key, 'cloud', 104 * MS).settled
+    cloud = record.attempts['cloud']
+    assert (cloud.state, cloud.finished_ns, cloud.error) == (SourceState.CANCELLED, 104 * MS,
+                                                             'cancelled')
+
+
+def test_a_zero_tolerance_treats_any_step_back_as_a_clock_reset():
+    arbiter = Arbiter(stamp_backstep_tolerance_ns=0)
+    assert open_frame(arbiter, stamp_ms=100, deadline_ms=200) is not None
+    assert open_frame(arbiter, stamp_ms=100, deadline_ms=200) is None  # a repeat is stale
+    assert open_frame(arbiter, stamp_ms=99, deadline_ms=199) is not None
+    assert open_frame(arbiter, stamp_ms=98, deadline_ms=198) is not None
+    assert arbiter.clock_resets == {'cam': 2}
+
+
+def test_a_step_back_of_exactly_the_tolerance_is_stale():
+    arbiter = Arbiter(stamp_backstep_tolerance_ns=50 * MS)
+    assert open_frame(arbiter, stamp_ms=1000, deadline_ms=1100) is not None
+    assert open_frame(arbiter, stamp_ms=950, deadline_ms=1050) is None
+    assert open_frame(arbiter, stamp_ms=949, deadline_ms=1049) is not None
+
+
+def test_describe_open_reports_each_unresolved_frame(arbiter):
+    key = arbiter.open('', 1_500 * MS, 1_500 * MS, 1_600 * MS, [LOCAL, CLOUD])
+    assert arbiter.describe_open(1_530 * MS) == [
+        'image#0 stamp 1.500 s, opened 30 ms ago, deadline in 70 ms, undecided: '
+        'local pending, cloud pending']
+    arbiter.arrive(key, 'local', dets(1), 1_540 * MS)
+    arbiter.tick(1_600 * MS)
+    assert arbiter.describe_open(1_620 * MS) == [
+        'image#0 stamp 1.500 s, opened 120 ms ago, deadline in -20 ms (applied), decided: '
+        'local arrived, cloud pending']
+    open_frame(arbiter, camera='rear')
+    assert arbiter.describe_open(0)[1].startswith('rear#0 stamp 0.000 s')
+
+
+def test_stats_count_every_frame_and_attempt():
+    arbiter, stats = Arbiter(), SpeculationStats(window=2)
+    for i in range(3):  # every source fails after the deadline: late, no winner
+        key = open_frame(arbiter, stamp_ms=i * 1000, deadline_ms=i * 1000 + 100)
+        arbiter.tick((i * 1000 + 100) * MS)
+        arbiter.fail(key, 'cloud', (i * 1000 + 110) * MS, 'UNAVAILABLE')
+        [record] = arbiter.fail(key, 'local', (i * 1000 + 120) * MS, 'inference error').settled
+        stats.add(record)
+    for i in range(3, 6):  # local in time, after (i - 2) ms
+        key = open_frame(arbiter, stamp_ms=i * 1000, deadline_ms=i * 1000 + 100)
+        arbiter.fail(key, 'cloud', (i * 1000 + 1) * MS, 'UNAVAILABLE')
+        [record] = arbiter.arrive(key, 'local', dets(1), (i * 1000 + i - 2) * MS).settled
+        stats.add(record)
+    assert (stats.frames, stats.late, stats.no_winner) == (6, 3, 3)
+    local, cloud = stats.source('local'), stats.source('cloud')
+    assert (local.tried, local.arrived, local.wins, local.failed) == (6, 3, 3, 3)
+    assert (cloud.tried, cloud.arrived, cloud.failed, cloud.cancelled) == (6, 0, 6, 0)
+    assert list(local.latencies_ms) == [2, 3]  # the window keeps the newest two
+    assert cloud.percentile_ms(50) is None

@@ -18,8 +18,20 @@ def test_deadline_counts_from_stamp_or_arrival():
 
 @pytest.mark.parametrize('ms, ref', [(0, 'stamp'), (-5, 'stamp'), (100, 'receipt')])
 def test_deadline_policy_rejects_bad_parameters(ms, ref):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f'got {ref!r}' if ms > 0 else 'must be positive'):
         DeadlinePolicy.from_ms(ms, ref)
+
+
+@pytest.mark.parametrize('ms', [float('nan'), float('inf')])
+def test_deadline_policy_rejects_a_non_finite_deadline(ms):
+    with pytest.raises(ValueError, match=f'finite number of ms, got {ms}'):
+        DeadlinePolicy.from_ms(ms)
+
+
+def test_the_smallest_deadline_budget_is_one_nanosecond():
+    assert DeadlinePolicy(1).deadline_ns(10, 20) == 11
+    with pytest.raises(ValueError, match='must be positive, got 0 ns'):
+        DeadlinePolicy(0)
 
 
 def test_newest_frame_replaces_a_waiting_one_and_is_counted():
@@ -56,8 +68,32 @@ def test_detections_normalise_and_transform():
     assert d.above(0.5).labels.tolist() == [3]
     assert d.scaled(2, 0.5).boxes[0].tolist() == [20, 10, 60, 20]
     assert len(Detections.empty()) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='one score and label per box, got 1 boxes, 2 scores'):
         Detections([[0, 0, 1, 1]], [0.5, 0.6], [1])
+
+
+def test_detections_flatten_columns_and_fix_dtypes():
+    d = Detections(np.array([0, 0, 2, 2, 1, 1, 3, 3], np.int32), [[0.5], [0.25]],
+                   np.array([[1], [2]], np.int32))
+    assert d.boxes.shape == (2, 4) and d.scores.shape == (2,) and d.labels.shape == (2,)
+    assert (d.boxes.dtype, d.scores.dtype, d.labels.dtype) == (np.float32, np.float32, np.int64)
+    empty = Detections.empty()
+    assert (empty.boxes.shape, empty.scores.shape, empty.labels.shape) == ((0, 4), (0,), (0,))
+
+
+def test_a_score_equal_to_the_threshold_is_kept():
+    d = Detections([[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 3, 3]], [0.5, 0.25, 0.75], [1, 2, 3])
+    kept = d.above(0.5)
+    assert kept.labels.tolist() == [1, 3] and kept.scores.tolist() == [0.5, 0.75]
+    assert kept.boxes[:, 0].tolist() == [0, 2]
+
+
+def test_relabeling_keeps_class_zero_and_drops_ids_outside_the_mapping():
+    mapping = np.array([2, 0, 1], np.int64)  # old 0 -> 2, old 1 -> 0, old 2 -> 1
+    d = Detections([[0, 0, 1, 1]] * 5, [0.9, 0.8, 0.7, 0.6, 0.5], [0, 1, 2, 3, -1])
+    out = d.relabeled(mapping)
+    assert out.labels.tolist() == [2, 0, 1] and out.scores.tolist() == pytest.approx(
+        [0.9, 0.8, 0.7])
 
 
 def test_detections_survive_the_vision_msgs_round_trip():

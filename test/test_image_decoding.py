@@ -18,7 +18,8 @@ from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.core import image_decoding
 from speculative_av.core.image_decoding import (declared_size, decode_rgb, ImageDecodeError,
-                                                MAX_ASPECT_RATIO, MAX_JPEG_SCANS, MAX_PIXELS)
+                                                MAX_ASPECT_RATIO, MAX_JPEG_SCANS, MAX_PIXELS,
+                                                short_repr)
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  ImageConversionError)
 
@@ -122,6 +123,45 @@ def test_scan_markers_in_metadata_are_not_counted() -> None:
     assert decode_rgb(data[:2] + app15 + data[2:], 'jpeg').shape == (64, 64, 3)
 
 
+def test_scans_are_counted_past_fill_bytes_and_long_metadata_segments() -> None:
+    """Header segments are skipped by their (two-byte) lengths wherever they are."""
+    app15 = b'\xff\xef' + (2 + 300).to_bytes(2, 'big') + b'\xff\xda' * 150
+
+    def hide(data: bytes) -> bytes:
+        """Add a fill byte before the first marker and app15 just before the first scan."""
+        first_scan = data.index(b'\xff\xda')
+        return data[:2] + b'\xff' + data[2:first_scan] + app15 + data[first_scan:]
+
+    assert decode_rgb(hide(progressive_jpeg()), 'jpeg').shape == (64, 64, 3)  # 10 scans
+    with pytest.raises(ImageDecodeError, match='jpeg has 17 scans, more than the 16 allowed$'):
+        decode_rgb(hide(progressive_jpeg(7)), 'jpeg')
+    gray = cv2.imencode('.jpg', np.zeros((16, 16), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert image_decoding._jpeg_scans(gray[1].tobytes()) == 6
+
+
+@pytest.mark.parametrize('data', [b'\xff\xd8\xff\xe0\xff\xda',
+                                  b'\xff\xd8\xff\xe0\x00\x04\xff\xda'])
+def test_a_header_cut_short_counts_no_scans(data: bytes) -> None:
+    """A segment at the very end is skipped by its length, never read past the data's end."""
+    assert image_decoding._jpeg_scans(data) == 0
+
+
+def test_png_header_needs_the_ihdr_chunk_and_24_bytes() -> None:
+    header = png_claiming(3_000_000_000, 2)[:24]
+    assert declared_size(header, 'png') == (3_000_000_000, 2)  # unsigned, as png defines it
+    with pytest.raises(ImageDecodeError, match='start with the png signature and IHDR chunk$'):
+        declared_size(header[:23], 'png')
+    with pytest.raises(ImageDecodeError, match='png signature and IHDR chunk'):
+        declared_size(header[:12] + b'IDAT' + header[16:], 'png')
+
+
+def test_long_values_are_cut_in_error_messages() -> None:
+    assert short_repr('x' * 40) == repr('x' * 40)
+    assert short_repr('x' * 41) == repr('x' * 40) + '... (41 chars)'
+    with pytest.raises(ImageDecodeError, match=r"got 'gif'$"):
+        decode_rgb(b'GIF89a', 'gif')
+
+
 def test_a_truncated_image_within_the_limit_is_a_decode_error() -> None:
     with pytest.raises(ImageConversionError, match=r'cannot decode \d+ bytes as jpeg'):
         compressed_msg_to_rgb(compressed('jpeg', jpeg_claiming(64, 48)))
@@ -149,7 +189,8 @@ def test_png_signature_is_required_so_opencv_uses_no_other_decoder() -> None:
 def test_png_that_opencv_rejects_is_a_conversion_error() -> None:
     data = bytearray(cv2.imencode('.png', np.zeros((8, 8, 3), np.uint8))[1].tobytes())
     data[-20:] = bytes(20)  # damage the image data and the IEND chunk
-    with pytest.raises(ImageConversionError, match=r'cannot decode \d+ bytes as png'):
+    with pytest.raises(ImageConversionError,
+                       match=r'cannot decode \d+ bytes as png: OpenCV could not decode it'):
         compressed_msg_to_rgb(compressed('png', bytes(data)))
 
 
