@@ -396,3 +396,14 @@ def test_stats_count_every_frame_and_attempt():
     assert (cloud.tried, cloud.arrived, cloud.failed, cloud.cancelled) == (6, 0, 6, 0)
     assert list(local.latencies_ms) == [2, 3]  # the window keeps the newest two
     assert cloud.percentile_ms(50) is None
+
+
+def test_among_equal_priorities_the_first_arrival_counts_and_the_rest_are_cancelled(arbiter):
+    """Replicas (hedged calls): a later equal-priority arrival neither wins nor keeps running."""
+    key = open_frame(arbiter, sources=(LOCAL, CLOUD, EDGE, DATACENTER))
+    out = arbiter.arrive(key, 'edge', dets(3), 10 * MS)
+    assert out.decisions == []  # the datacenter may still outrank it
+    assert out.cancel == [(key, 'cloud')]  # cloud can no longer win: edge came first
+    arbiter.arrive(key, 'cloud', dets(2), 15 * MS)  # arrived before its cancellation took
+    [decision] = arbiter.fail(key, 'datacenter', 20 * MS, 'UNAVAILABLE').decisions
+    assert (decision.winner, decision.detections.labels.tolist()) == ('edge', [3])

@@ -12,6 +12,8 @@ The policy of speculative cloud execution (Schafhalter et al., IROS 2023), not "
 * decisions are released in stamp order per camera, exactly once per opened frame; a stamp that
   steps back by more than a tolerance (a looping replay, a clock resync) starts that camera's
   sequence afresh instead of being dropped as stale;
+* sources of equal priority (replicas, hedged calls) are interchangeable: the first of them to
+  arrive is the one that counts;
 * a pending source that can no longer win is reported for cancellation when it is cancellable.
 
 Pure logic: callers pass the time (nanoseconds on one clock) into every call and serialise calls.
@@ -133,8 +135,10 @@ class _Race:
     deadline_applied: bool = False  # tick() has evaluated this race at its deadline
 
     def best_arrived(self) -> SourceAttempt | None:
+        """Return the highest-priority arrived attempt; among equals, the first to arrive."""
         arrived = [a for a in self.attempts.values() if a.state is SourceState.ARRIVED]
-        return max(arrived, key=lambda a: a.source.priority, default=None)
+        return max(arrived, key=lambda a: (a.source.priority, -(a.finished_ns or 0)),
+                   default=None)
 
     def pending(self) -> list[SourceAttempt]:
         return [a for a in self.attempts.values() if a.state is SourceState.PENDING]
@@ -292,7 +296,7 @@ class Arbiter:
         for attempt in pending:
             if attempt.source.cancellable and not attempt.cancel_requested and (
                     race.decided is not None
-                    or (best is not None and attempt.source.priority < best.source.priority)):
+                    or (best is not None and attempt.source.priority <= best.source.priority)):
                 attempt.cancel_requested = True
                 outcome.cancel.append((race.key, attempt.source.name))
         if race.decided is not None:
