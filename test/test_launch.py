@@ -14,6 +14,7 @@ from pathlib import Path
 import subprocess
 import sys
 from typing import Iterator
+import urllib.request
 
 import pytest
 from ros_harness import running, stop, wait_until
@@ -81,7 +82,7 @@ def _launch_until_exit(env: dict[str, str], launch_file: str,
 
 def test_launched_server_and_node_fuse_detections_with_two_endpoints_and_integer_deadline(
         launch_env, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     server_log = tmp_path / 'cloud_server.log'
     # params_file says DEFAULT weights (not downloadable here): the node only starts if the
     # local_* arguments override it.
@@ -92,7 +93,8 @@ def test_launched_server_and_node_fuse_detections_with_two_endpoints_and_integer
     params_file.write_text(yaml.safe_dump(params))
     with launched(launch_env, server_log, 'cloud_server.launch.py', 'host:=127.0.0.1',
                   f'port:={port}', f'model:={MODEL}', 'weights:=random',
-                  'insecure:=true') as server:
+                  'insecure:=true', 'max_batch_size:=4', 'max_queue_delay_ms:=5',
+                  f'metrics_port:={metrics_port}') as server:
         wait_until(lambda: 'listening on' in server_log.read_text() or server.poll() is not None,
                    120, 'the launched cloud server to listen')
         assert server.poll() is None, f'cloud server launch ended:\n{server_log.read_text()}'
@@ -110,6 +112,10 @@ def test_launched_server_and_node_fuse_detections_with_two_endpoints_and_integer
                                    and d.get('edge', {}).get('health') == 'SERVING'
                                    for d in seen.diagnostics),
                        30, 'both endpoints healthy')
+        with urllib.request.urlopen(f'http://127.0.0.1:{metrics_port}/metrics',
+                                    timeout=10) as reply:
+            metrics = reply.read().decode()
+    assert 'speculative_av_requests_total{status="ok"}' in metrics
     decisions = [values for values, _ in seen.decisions]
     assert {d['deadline_ms'] for d in decisions} == {'120'}
     assert all({'source.local', 'source.datacenter', 'source.edge'} <= d.keys()
