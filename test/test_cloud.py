@@ -33,7 +33,8 @@ from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
 from speculative_av.cloud import generate_protos
-from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.client import CloudEndpoint
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import coco_categories, TorchvisionDetector

@@ -37,7 +37,8 @@ from speculation_rig import camera_command, cloud_server, detector, free_port, o
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
-from speculative_av.cloud.client import CloudEndpoint, CloudReply
+from speculative_av.cloud.client import CloudEndpoint
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.cloud.security import (
     ChannelSecurity, client_identity, ConcurrencyLimiter, Denial, load_tokens, METHODS,
     SecurityError, SecurityInterceptor, ServerSecurity, TokenAuthority)

@@ -23,9 +23,10 @@ import numpy.typing as npt
 from speculative_av.cloud import codec
 from speculative_av.cloud import detection_pb2
 from speculative_av.cloud import detection_pb2_grpc
-from speculative_av.cloud.endpoint import (CloudReply, Endpoint, error_text, failure_state,
-                                           ModelChanged, NOT_SERVING, UNKNOWN, UNREACHABLE,
-                                           UNVERIFIED, VerificationError, VERIFY_TIMEOUT_S)
+from speculative_av.cloud.endpoint import (Endpoint, error_text, failure_state, ModelChanged,
+                                           NOT_SERVING, UNKNOWN, UNREACHABLE, UNVERIFIED,
+                                           VerificationError, VERIFY_TIMEOUT_S)
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.core.detections import label_mapping
 
 _LOG = logging.getLogger(__name__)

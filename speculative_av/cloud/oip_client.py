@@ -21,9 +21,10 @@ from speculative_av.cloud import oip_codec
 from speculative_av.cloud import open_inference_pb2 as oip
 from speculative_av.cloud import open_inference_pb2_grpc as oip_grpc
 from speculative_av.cloud.codec import EncodedFrame
-from speculative_av.cloud.endpoint import (CloudReply, Endpoint, error_text, failure_state,
-                                           ModelChanged, NOT_SERVING, ReplyError, UNVERIFIED,
+from speculative_av.cloud.endpoint import (Endpoint, error_text, failure_state, ModelChanged,
+                                           NOT_SERVING, ReplyError, UNVERIFIED,
                                            VerificationError, VERIFY_TIMEOUT_S)
+from speculative_av.cloud.reply import CloudReply
 from speculative_av.core.detections import Detections
 
 _LOG = logging.getLogger(__name__)
