@@ -157,13 +157,14 @@ def test_detect_burst_is_refused_while_health_checks_answer(
     request = detection_pb2.DetectRequest.FromString(valid_request)
     with grpc.insecure_channel(target) as channel:
         stub = detection_pb2_grpc.CloudDetectorStub(channel)
-        calls = [stub.Detect.future(request, timeout=60.0) for _ in range(BURST_CALLS)]
-
-        def refused() -> int:
-            return sum(c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                       for c in calls)
-        wait_until(lambda: refused() >= BURST_CALLS - MAX_DETECT_CALLS, 30.0,
-                   'the calls beyond the bound to be refused')
+        # No call deadline: the scheduler's admission by predicted completion (which a slow
+        # warm-up on a loaded machine can make pessimistic) must not answer any of them, so
+        # only the bound on Detect calls decides.
+        calls = [stub.Detect.future(request) for _ in range(BURST_CALLS)]
+        wait_until(lambda: sum(c.done() for c in calls) >= BURST_CALLS - MAX_DETECT_CALLS,
+                   30.0, 'the calls beyond the bound to end')
+        early = [(c.code(), c.details()) for c in calls if c.done()]
+        assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in early), early
         start = time.monotonic()
         health = health_status(health_pb2_grpc.HealthStub(channel), SERVICE)
         info = stub.GetModelInfo(detection_pb2.ModelInfoRequest(), timeout=1.0)
