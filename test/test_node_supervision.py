@@ -126,8 +126,10 @@ def test_a_thread_that_dies_reports_error_and_ends_the_node_in_finalized():
         def broken(timeout: float | None = None) -> None:
             raise MemoryError('std::bad_alloc')
 
-        test_rig.node._slots.take = broken  # type: ignore[method-assign]
-        test_rig.node._slots.put('', None)  # type: ignore[arg-type]  (wakes the worker)
+        engine = test_rig.node.engine
+        assert engine is not None
+        engine.slots.take_all = broken  # type: ignore[method-assign,assignment]
+        engine.slots.put('', None)  # type: ignore[arg-type]  (wakes the worker)
         wait_until(lambda: bool(test_rig.node.failed), 10.0, 'the worker to die')
         wait_until(lambda: any(s.level == DiagnosticStatus.ERROR for s in test_rig.summaries),
                    10.0, 'ERROR on /diagnostics')

@@ -124,6 +124,7 @@ class CloudDispatcher:
         if hedge_after_s is not None and hedge_after_s < 0:
             raise ValueError(f'hedge_after_s must not be negative, got {hedge_after_s}')
         self._endpoints = {e.name: e for e in endpoints}
+        self._priorities = {e.name: priorities[e.name] for e in endpoints}
         groups: dict[int, list[str]] = {}
         for endpoint in endpoints:
             groups.setdefault(priorities[endpoint.name], []).append(endpoint.name)
@@ -146,6 +147,11 @@ class CloudDispatcher:
             self._thread = threading.Thread(target=self._send_due_hedges, name='cloud-hedges',
                                             daemon=True)
             self._thread.start()
+
+    @property
+    def priorities(self) -> dict[str, int]:
+        """Return each endpoint's priority, by name."""
+        return dict(self._priorities)
 
     def plan(self) -> Plan:
         """

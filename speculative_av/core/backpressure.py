@@ -43,6 +43,21 @@ class LatestFrameSlots(Generic[T]):
                 return None
             return self._slots.popitem(last=False)
 
+    def take_all(self, timeout: float | None = None) -> list[tuple[str, T]]:
+        """
+        Remove and return every camera's waiting frame, longest-waiting first.
+
+        Waits up to ``timeout`` for one; returns an empty list on timeout or close. Frames of
+        several cameras that wait together can then share one forward pass.
+        """
+        with self._ready:
+            self._ready.wait_for(lambda: self._slots or self._closed, timeout)
+            if self._closed:
+                return []
+            taken = list(self._slots.items())
+            self._slots.clear()
+            return taken
+
     def close(self) -> None:
         """Wake every waiting :meth:`take` so worker threads can exit."""
         with self._ready:
