@@ -1,0 +1,534 @@
+"""
+The speculative engine's contract, with an injected clock, a scripted detector and endpoints.
+
+The engine is driven by hand: ``process`` runs the waiting frames, the test delivers cloud
+replies and moves the clock, ``tick`` applies deadlines. What the sink receives is the contract:
+exactly one fused result per processed frame, in stamp order, carrying the winner's detections,
+never later than the deadline unless the local detector itself was, and each frame's account
+with that frame's own deadline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import threading
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+from ros_harness import wait_until
+from speculative_av.cloud.codec import decode_rgb, EncodedFrame
+from speculative_av.cloud.dispatch import CloudDispatcher
+from speculative_av.cloud.reply import CloudReply
+from speculative_av.core.arbiter import Decision, FrameRecord
+from speculative_av.core.deadline import DeadlinePolicy
+from speculative_av.core.detections import Detections
+from speculative_av.engine.engine import EngineSettings, Frame, SpeculativeEngine
+
+MS = 1_000_000
+IMAGE = np.full((48, 64, 3), 90, np.uint8)
+LOCAL_RESULT = Detections(np.array([[1.0, 2.0, 10.0, 20.0]], np.float32),
+                          np.array([0.9], np.float32), np.array([1], np.int64))
+CLOUD_RESULT = Detections(np.array([[5.0, 5.0, 30.0, 40.0], [0.0, 0.0, 8.0, 8.0]], np.float32),
+                          np.array([0.8, 0.7], np.float32), np.array([3, 3], np.int64))
+BETTER_CLOUD_RESULT = Detections(np.array([[6.0, 6.0, 31.0, 41.0]], np.float32),
+                                 np.array([0.95], np.float32), np.array([2], np.int64))
+
+
+class ManualClock:
+    """The engine's clock, moved only by the test (and by scripted inference)."""
+
+    def __init__(self, start_ns: int = 1_000 * MS) -> None:
+        self.now_ns = start_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance_ms(self, ms: float) -> None:
+        self.now_ns += round(ms * MS)
+
+
+class ScriptedDetector:
+    """A local detector that takes ``inference_ms`` of the manual clock and returns a result."""
+
+    def __init__(self, clock: ManualClock, inference_ms: float = 20.0,
+                 result: Detections = LOCAL_RESULT) -> None:
+        self.clock = clock
+        self.inference_ms = inference_ms
+        self.result = result
+        self.batches: list[int] = []
+        self.fail_next = False
+
+    def detect(self, rgb: np.ndarray) -> Detections:
+        return self.detect_batch([rgb])[0]
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        self.batches.append(len(images))
+        self.clock.advance_ms(self.inference_ms)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError('CUDA error: an illegal memory access was encountered')
+        return [self.result for _ in images]
+
+
+@dataclass
+class ScriptedCall:
+    """A call the test finishes; cancelling resolves it CANCELLED, like a real endpoint."""
+
+    endpoint: ScriptedEndpoint
+    frame: EncodedFrame
+    frame_id: str
+    timeout_s: float
+    deadline_unix_ns: int
+    on_done: Callable[[CloudReply], None]
+    finished: bool = False
+    cancelled: bool = False
+
+    def reply(self, detections: Detections) -> None:
+        self._finish(CloudReply(self.endpoint.name, True, detections, frame_id=self.frame_id,
+                                round_trip_ms=5.0))
+
+    def fail(self, error: str) -> None:
+        self._finish(CloudReply(self.endpoint.name, False, error=error, frame_id=self.frame_id))
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        if not self.finished:
+            self.fail('CANCELLED')
+        return True
+
+    def _finish(self, reply: CloudReply) -> None:
+        assert not self.finished, 'a call is finished once'
+        self.finished = True
+        self.on_done(reply)
+
+
+class ScriptedEndpoint:
+    """A cloud endpoint whose calls finish when the test says so."""
+
+    def __init__(self, name: str, healthy: bool = True) -> None:
+        self.name = name
+        self.healthy = healthy
+        self.calls: list[ScriptedCall] = []
+
+    def submit(self, frame: EncodedFrame, frame_id: str, stamp_ns: int, timeout_s: float,
+               deadline_unix_ns: int, on_done: Callable[[CloudReply], None]) -> ScriptedCall:
+        call = ScriptedCall(self, frame, frame_id, timeout_s, deadline_unix_ns, on_done)
+        self.calls.append(call)
+        return call
+
+
+class RecordingSink:
+    """Records everything the engine hands out, checking that outputs come once per frame."""
+
+    def __init__(self, clock: ManualClock, keep_images: bool = False) -> None:
+        self.clock = clock
+        self.keep_images = keep_images
+        self.local_results: list[tuple[int, Detections]] = []
+        self.cloud_results: list[tuple[int, str, Detections]] = []
+        self.fused_results: list[tuple[Frame[str], Decision, int]] = []  # clock at output
+        self.settled_frames: list[tuple[Frame[str], FrameRecord]] = []
+        self.fused_event = threading.Event()
+        self.failing_outputs = 0  # raise on this many fused outputs (a broken publisher)
+
+    def wants_image(self, camera: str) -> bool:
+        return self.keep_images
+
+    def local(self, frame: Frame[str], detections: Detections) -> None:
+        self.local_results.append((frame.stamp_ns, detections))
+
+    def cloud(self, frame: Frame[str], endpoint: str, detections: Detections) -> None:
+        self.cloud_results.append((frame.stamp_ns, endpoint, detections))
+
+    def fused(self, frame: Frame[str], decision: Decision) -> None:
+        if self.failing_outputs:
+            self.failing_outputs -= 1
+            raise RuntimeError('publisher gone')
+        assert all(f is not frame for f, _, _ in self.fused_results), 'one result per frame'
+        self.fused_results.append((frame, decision, self.clock()))
+        self.fused_event.set()
+
+    def settled(self, frame: Frame[str], record: FrameRecord) -> None:
+        self.settled_frames.append((frame, record))
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [decision for _, decision, _ in self.fused_results]
+
+
+def identity(rgb: np.ndarray) -> np.ndarray:
+    """Convert a frame that is already an image, refusing what is not one."""
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f'not an RGB image: {type(rgb).__name__}')
+    return rgb
+
+
+class Rig:
+    """An engine over a manual clock, a scripted detector and scripted endpoints."""
+
+    def __init__(self, endpoints: dict[str, int] | None = None, *, deadline_ms: float = 100.0,
+                 reference: str = 'stamp', inference_ms: float = 20.0, **settings: object
+                 ) -> None:
+        self.clock = ManualClock()
+        self.detector = ScriptedDetector(self.clock, inference_ms)
+        self.endpoints = {name: ScriptedEndpoint(name) for name in (endpoints or {})}
+        self.sink = RecordingSink(self.clock)
+        dispatcher = (CloudDispatcher(list(self.endpoints.values()), dict(endpoints),
+                                      clock=lambda: self.clock() / 1e9)
+                      if endpoints else None)
+        self.engine: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+            self.detector, identity, self.sink, cloud=dispatcher,
+            settings=EngineSettings(DeadlinePolicy.from_ms(deadline_ms, reference),
+                                    **settings),  # type: ignore[arg-type]
+            clock=self.clock, wall_clock=lambda: 1_700_000_000 * 10**9 + self.clock())
+
+    def frame(self, camera: str = 'front', stamp_ns: int | None = None,
+              image: object = IMAGE) -> int:
+        """Submit a frame stamped now (by default) and run it; return its stamp."""
+        stamp = self.clock() if stamp_ns is None else stamp_ns
+        self.engine.submit(camera, image, stamp, f'{camera}_optical', camera)  # type: ignore
+        self.engine.process(timeout_s=0)
+        return stamp
+
+    def call(self, endpoint: str, index: int = -1) -> ScriptedCall:
+        return self.endpoints[endpoint].calls[index]
+
+    def at_ms(self, ms_after_stamp: float, stamp_ns: int) -> None:
+        """Move the clock to ``ms_after_stamp`` after ``stamp_ns`` and apply deadlines."""
+        self.clock.now_ns = stamp_ns + round(ms_after_stamp * MS)
+        self.engine.tick()
+
+
+def same(a: Detections, b: Detections) -> bool:
+    return (np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+            and np.array_equal(a.labels, b.labels))
+
+
+# Deadlines ----------------------------------------------------------------------------------
+
+def test_without_a_reply_only_the_deadline_tick_releases_the_local_result():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamp = rig.frame()
+    assert len(rig.sink.local_results) == 1 and rig.sink.fused_results == []  # local in, cloud still racing
+    rig.at_ms(99.0, stamp)
+    assert rig.sink.fused_results == []  # before the deadline the cloud may still win
+    rig.at_ms(100.0, stamp)
+    (frame, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'local' and not decision.late
+    assert same(decision.detections, LOCAL_RESULT)
+    assert released_ns == decision.deadline_ns == stamp + 100 * MS
+    assert rig.call('cloud').cancelled  # the decided frame's call is not left running
+
+
+def test_the_deadline_thread_alone_decides_a_frame_whose_cloud_never_answers():
+    """With real time and no call timeout, only the engine's deadline thread can decide."""
+    sink = RecordingSink(ManualClock())
+    endpoint = ScriptedEndpoint('cloud')
+    engine: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+        ScriptedDetector(ManualClock(), 0.0), identity, sink,
+        cloud=CloudDispatcher([endpoint], {'cloud': 10}),
+        settings=EngineSettings(DeadlinePolicy.from_ms(200.0, 'arrival')))
+    engine.start()
+    try:
+        engine.submit('front', IMAGE, 0, 'f', 'front')
+        wait_until(sink.fused_event.is_set, 10.0, 'the fused result')
+        (_, decision, _), = sink.fused_results
+        assert decision.winner == 'local' and not decision.late
+        assert decision.released_ns >= decision.deadline_ns  # held for the cloud until then
+        assert not endpoint.calls[0].finished or endpoint.calls[0].cancelled
+    finally:
+        engine.stop()
+
+
+def test_a_cloud_reply_in_time_is_published_at_once_not_at_the_deadline():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.clock.now_ns = stamp + 60 * MS
+    rig.call('cloud').reply(CLOUD_RESULT)
+    (_, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'cloud' and same(decision.detections, CLOUD_RESULT)
+    assert released_ns == stamp + 60 * MS
+
+
+def test_a_cloud_reply_after_the_deadline_does_not_change_the_published_result():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.at_ms(100.0, stamp)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local'
+    assert len(rig.sink.settled_frames) == 1  # the call was cancelled, so the frame is settled
+
+
+def test_a_local_detector_slower_than_the_deadline_makes_the_frame_late_not_lost():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, inference_ms=150.0)
+    stamp = rig.frame()  # the scripted inference moves the clock 150 ms
+    (_, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'local' and decision.late
+    assert released_ns == stamp + 150 * MS  # the moment local arrived, not later
+    assert rig.engine.snapshot()['late'] == 1
+
+
+def test_all_sources_failing_after_the_deadline_marks_the_frame_late():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, inference_ms=150.0)
+    rig.detector.fail_next = True
+    rig.frame()
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner is None and decision.late
+    assert rig.engine.counters['frame_errors'] == 1
+
+
+def test_a_frame_already_past_its_deadline_is_not_sent_to_the_cloud():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.frame(stamp_ns=rig.clock() - 200 * MS)
+    assert rig.endpoints['cloud'].calls == []
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local' and decision.late
+    (_, record), = rig.sink.settled_frames
+    assert 'no time left' in record.attempts['cloud'].error
+
+
+def test_the_call_timeout_and_the_unix_deadline_are_the_time_left():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.clock.advance_ms(30.0)  # the frame waited 30 ms since its stamp
+    stamp = rig.clock() - 30 * MS
+    rig.engine.submit('front', IMAGE, stamp, 'f', 'front')
+    rig.engine.process(timeout_s=0)
+    call = rig.call('cloud')
+    assert call.timeout_s == pytest.approx(0.070)
+    assert call.deadline_unix_ns == 1_700_000_000 * 10**9 + stamp + 100 * MS
+
+
+def test_deadline_reference_arrival_counts_from_reception_not_from_the_stamp():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, reference='arrival')
+    arrival = rig.clock()
+    rig.frame(stamp_ns=arrival - 10_000 * MS)  # captured long ago (a replay)
+    assert len(rig.endpoints['cloud'].calls) == 1  # still time for the cloud
+    rig.at_ms(100.0, arrival)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.deadline_ns == arrival + 100 * MS and not decision.late
+
+
+def test_a_run_time_deadline_change_applies_to_frames_that_start_afterwards():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    first = rig.frame()
+    rig.engine.update(deadline=DeadlinePolicy.from_ms(300.0))
+    rig.clock.advance_ms(10.0)
+    second = rig.frame()
+    rig.at_ms(100.0, first)
+    assert [d.stamp_ns for d in rig.sink.decisions] == [first]
+    rig.at_ms(300.0, second)
+    assert [d.deadline_ns - d.stamp_ns for d in rig.sink.decisions] == [100 * MS, 300 * MS]
+    # Each frame's account reports its own deadline, not the one in force when it settles.
+    assert [frame.deadline_ms for frame, _ in rig.sink.settled_frames] == [100.0, 300.0]
+
+
+# What wins ----------------------------------------------------------------------------------
+
+def test_the_fused_result_is_the_winners_detections_and_the_winner_is_named():
+    rig = Rig({'cloud': 10})
+    stamp = rig.frame()
+    rig.clock.advance_ms(10.0)
+    rig.call('cloud').reply(CLOUD_RESULT)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'cloud' and same(decision.detections, CLOUD_RESULT)
+    assert rig.sink.cloud_results == [(stamp, 'cloud', CLOUD_RESULT)]
+    assert same(rig.sink.local_results[0][1], LOCAL_RESULT)  # local still published on its own topic
+
+
+def test_two_endpoints_the_higher_priority_wins_even_arriving_second():
+    rig = Rig({'near': 10, 'far': 20})
+    stamp = rig.frame()
+    rig.clock.advance_ms(10.0)
+    rig.call('near').reply(CLOUD_RESULT)
+    assert rig.sink.fused_results == []  # the better source is still pending before the deadline
+    rig.clock.advance_ms(10.0)
+    rig.call('far').reply(BETTER_CLOUD_RESULT)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'far' and same(decision.detections, BETTER_CLOUD_RESULT)
+    assert decision.released_ns == stamp + 20 * MS + 20 * MS  # inference 20 + two replies
+
+
+def test_two_endpoints_the_lower_priority_wins_when_the_higher_misses_the_deadline():
+    rig = Rig({'near': 10, 'far': 20}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.call('near').reply(CLOUD_RESULT)
+    rig.at_ms(100.0, stamp)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'near' and same(decision.detections, CLOUD_RESULT)
+    assert rig.call('far').cancelled
+
+
+def test_two_endpoints_the_lower_priority_wins_at_once_when_the_higher_fails():
+    rig = Rig({'near': 10, 'far': 20}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.call('near').reply(CLOUD_RESULT)
+    rig.clock.advance_ms(5.0)
+    rig.call('far').fail('UNAVAILABLE: connection reset')
+    (_, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'near' and released_ns < stamp + 100 * MS
+
+
+def test_an_unhealthy_endpoint_is_skipped_and_local_is_published_without_waiting():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.endpoints['cloud'].healthy = False
+    stamp = rig.frame()
+    assert rig.endpoints['cloud'].calls == []
+    (_, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'local' and released_ns == stamp + 20 * MS
+
+
+def test_a_paced_endpoint_is_skipped_and_counted():
+    rig = Rig({'cloud': 10}, deadline_ms=1000.0)
+    for _ in range(5):  # the dispatcher allows 4 outstanding calls per endpoint
+        rig.frame()
+        rig.clock.advance_ms(5.0)
+    assert len(rig.endpoints['cloud'].calls) == 4
+    assert rig.engine.counters['cloud_skipped'] == 1
+
+
+def test_cloud_disabled_at_run_time_sends_nothing_and_decides_on_local():
+    rig = Rig({'cloud': 10})
+    rig.engine.update(cloud_enabled=False)
+    rig.frame()
+    assert rig.endpoints['cloud'].calls == []
+    assert rig.sink.decisions[0].winner == 'local'
+
+
+# What is sent -------------------------------------------------------------------------------
+
+def test_max_image_side_downscales_what_is_sent_and_keeps_the_original_size():
+    rig = Rig({'cloud': 10}, max_image_side=32)
+    rig.frame(image=np.full((48, 64, 3), 90, np.uint8))
+    sent = rig.call('cloud').frame
+    assert (sent.width, sent.height, sent.original_width, sent.original_height) == (32, 24, 64, 48)
+    assert decode_rgb(sent.data, 'jpeg').shape == (24, 32, 3)
+
+
+def test_jpeg_quality_is_what_the_frame_is_encoded_with():
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    sizes = {}
+    for quality in (20, 95):
+        rig = Rig({'cloud': 10}, jpeg_quality=quality)
+        rig.frame(image=noisy)
+        sizes[quality] = rig.call('cloud').frame.nbytes
+    assert sizes[20] < sizes[95] / 2
+
+
+# Counting, ordering, batching ---------------------------------------------------------------
+
+def test_every_processed_frame_gets_exactly_one_fused_result_in_stamp_order():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamps = []
+    for i in range(12):
+        stamps.append(rig.frame())
+        call = rig.call('cloud')
+        if i % 3 == 0:
+            call.reply(CLOUD_RESULT)
+        elif i % 3 == 1:
+            call.fail('UNAVAILABLE')
+        rig.clock.advance_ms(40.0)
+        rig.engine.tick()
+    rig.at_ms(1_000.0, stamps[-1])
+    assert [d.stamp_ns for d in rig.sink.decisions] == stamps
+    assert rig.engine.counters['frames_processed'] == 12 == len(rig.sink.settled_frames)
+    assert [d.winner for d in rig.sink.decisions] == ['cloud', 'local', 'local'] * 4
+
+
+def test_frames_of_several_cameras_waiting_together_share_one_forward_pass():
+    rig = Rig()
+    stamp = rig.clock()
+    for camera in ('front', 'left', 'right'):
+        rig.engine.submit(camera, IMAGE, stamp, camera, camera)
+    assert rig.engine.process(timeout_s=0) == 3
+    assert rig.detector.batches == [3]
+    assert sorted(f.camera for f, _, _ in rig.sink.fused_results) == ['front', 'left', 'right']
+    assert rig.engine.counters['local_batched_frames'] == 3
+
+
+def test_without_camera_batching_each_frame_has_its_own_pass():
+    rig = Rig()
+    rig.engine._batch_cameras = False
+    for camera in ('front', 'left'):
+        rig.engine.submit(camera, IMAGE, rig.clock(), camera, camera)
+    rig.engine.process(timeout_s=0)
+    assert rig.detector.batches == [1, 1]
+
+
+def test_a_newer_frame_replaces_the_one_still_waiting_and_the_drop_is_counted():
+    rig = Rig()
+    stamp = rig.clock()
+    rig.engine.submit('front', IMAGE, stamp, 'f', 'front')
+    rig.engine.submit('front', IMAGE, stamp + 1, 'f', 'front')
+    rig.engine.process(timeout_s=0)
+    assert [d.stamp_ns for d in rig.sink.decisions] == [stamp + 1]
+    assert rig.engine.snapshot()['dropped_frames'] == 1
+
+
+def test_a_frame_stamped_before_the_cameras_newest_is_stale_and_dropped():
+    rig = Rig()
+    stamp = rig.frame()
+    rig.frame(stamp_ns=stamp - 1)
+    assert len(rig.sink.fused_results) == 1 and rig.engine.counters['stale_frames'] == 1
+
+
+# Bad input and failures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('bad', [None, b'\xff\xd8', np.zeros((4, 4), np.uint8)])
+def test_a_malformed_frame_is_counted_and_the_engine_goes_on(bad):
+    rig = Rig({'cloud': 10})
+    rig.frame(image=bad)
+    assert rig.engine.counters['invalid_images'] == 1 and rig.sink.fused_results == []
+    rig.frame()
+    assert len(rig.sink.local_results) == 1
+
+
+def test_a_failing_inference_resolves_its_frame_and_the_next_frame_is_served():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.detector.fail_next = True
+    stamp = rig.frame()
+    (_, decision, _), = rig.sink.fused_results  # abandoned: decided at once, its call cancelled
+    assert decision.winner is None and rig.call('cloud').cancelled
+    rig.clock.now_ns = stamp + 200 * MS
+    rig.frame()
+    rig.call('cloud').reply(CLOUD_RESULT)
+    assert [d.winner for d in rig.sink.decisions] == [None, 'cloud']
+    assert rig.engine.counters['frame_errors'] == 1
+
+
+def test_an_output_that_raises_on_one_frame_does_not_stop_the_next():
+    rig = Rig()
+    rig.sink.failing_outputs = 1
+    rig.frame()
+    rig.clock.advance_ms(10.0)
+    rig.frame()
+    assert rig.engine.counters['frame_errors'] == 1
+    assert len(rig.sink.fused_results) == 1 and len(rig.sink.settled_frames) == 2
+
+
+def test_stop_decides_every_open_frame_with_the_results_in_hand():
+    rig = Rig({'cloud': 10}, deadline_ms=10_000.0)
+    rig.frame()
+    assert rig.sink.fused_results == []
+    rig.engine.stop('node deactivated')
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local' and rig.call('cloud').cancelled
+
+
+def test_the_debug_image_is_kept_only_when_the_sink_wants_it():
+    for keep in (False, True):
+        rig = Rig()
+        rig.sink.keep_images = keep
+        rig.frame()
+        frame, _, _ = rig.sink.fused_results[0]
+        assert (frame.rgb is IMAGE) is keep
+
+
+def test_a_clock_jump_keeps_open_frames_budget():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.clock.now_ns -= 5_000 * MS  # simulated time jumped back 5 s
+    rig.engine.shift_clock(-5_000 * MS)
+    rig.at_ms(100.0 - 5_000.0, stamp)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local' and not decision.late
+    assert rig.engine.counters['clock_resets'] == 1
