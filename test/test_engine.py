@@ -208,7 +208,7 @@ def same(a: Detections, b: Detections) -> bool:
 def test_without_a_reply_only_the_deadline_tick_releases_the_local_result():
     rig = Rig({'cloud': 10}, deadline_ms=100.0)
     stamp = rig.frame()
-    assert len(rig.sink.local_results) == 1 and rig.sink.fused_results == []  # local in, cloud still racing
+    assert len(rig.sink.local_results) == 1 and rig.sink.fused_results == []
     rig.at_ms(99.0, stamp)
     assert rig.sink.fused_results == []  # before the deadline the cloud may still win
     rig.at_ms(100.0, stamp)
@@ -331,7 +331,7 @@ def test_the_fused_result_is_the_winners_detections_and_the_winner_is_named():
     (_, decision, _), = rig.sink.fused_results
     assert decision.winner == 'cloud' and same(decision.detections, CLOUD_RESULT)
     assert rig.sink.cloud_results == [(stamp, 'cloud', CLOUD_RESULT)]
-    assert same(rig.sink.local_results[0][1], LOCAL_RESULT)  # local still published on its own topic
+    assert same(rig.sink.local_results[0][1], LOCAL_RESULT)  # local has its own output
 
 
 def test_two_endpoints_the_higher_priority_wins_even_arriving_second():
