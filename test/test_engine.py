@@ -22,10 +22,12 @@ from speculative_av.cloud.reply import CloudReply
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
+from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.engine.engine import EngineSettings, Frame, SpeculativeEngine
 
 MS = 1_000_000
 IMAGE = np.full((48, 64, 3), 90, np.uint8)
+LARGE_IMAGE = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)
 LOCAL_RESULT = Detections(np.array([[1.0, 2.0, 10.0, 20.0]], np.float32),
                           np.array([0.9], np.float32), np.array([1], np.int64))
 CLOUD_RESULT = Detections(np.array([[5.0, 5.0, 30.0, 40.0], [0.0, 0.0, 8.0, 8.0]], np.float32),
@@ -89,6 +91,10 @@ class ScriptedCall:
 
     def fail(self, error: str) -> None:
         self._finish(CloudReply(self.endpoint.name, False, error=error, frame_id=self.frame_id))
+
+    def fail_after(self, error: str, round_trip_ms: float) -> None:
+        self._finish(CloudReply(self.endpoint.name, False, error=error, frame_id=self.frame_id,
+                                round_trip_ms=round_trip_ms))
 
     def cancel(self) -> bool:
         self.cancelled = True
@@ -532,3 +538,73 @@ def test_a_clock_jump_keeps_open_frames_budget():
     (_, decision, _), = rig.sink.fused_results
     assert decision.winner == 'local' and not decision.late
     assert rig.engine.counters['clock_resets'] == 1
+
+
+# The uplink ---------------------------------------------------------------------------------
+
+def _slow_link_rig(probe_interval_s: float = 10.0) -> Rig:
+    """Return a rig whose uplink has learned a 0.4 s, 100 kB/s link to the cloud."""
+    rig = Rig({'cloud': 10}, deadline_ms=150.0, uplink='adaptive')
+    rig.engine.uplink = AdaptiveUplink(clock=lambda: rig.clock() / 1e9,
+                                       probe_interval_s=probe_interval_s)
+    for nbytes in (5_000, 20_000, 40_000) * 4:
+        rig.engine.uplink.replied('cloud', nbytes, 0.4 + nbytes / 100_000, 0.05)
+    return rig
+
+
+def test_the_adaptive_uplink_skips_a_frame_predicted_to_arrive_late_and_local_wins_at_once():
+    rig = _slow_link_rig()
+    rig.engine.uplink._last_send_s = rig.clock() / 1e9  # a frame went out just now: no probe
+    stamp = rig.frame(image=LARGE_IMAGE)
+    assert rig.endpoints['cloud'].calls == []
+    (_, decision, released_ns), = rig.sink.fused_results
+    assert decision.winner == 'local' and released_ns == stamp + 20 * MS  # no wait for nothing
+    assert rig.engine.counters['cloud_skipped_uplink'] == 1
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error.startswith('SKIPPED')
+
+
+def test_the_adaptive_uplink_still_probes_a_slow_link_at_the_smallest_size():
+    rig = _slow_link_rig(probe_interval_s=1.0)
+    rig.frame(image=LARGE_IMAGE)  # nothing was sent for longer than the probe interval
+    smallest = rig.engine.uplink.ladder[-1]
+    sent = rig.call('cloud').frame
+    assert max(sent.width, sent.height) == smallest.max_image_side
+    rig.clock.advance_ms(100.0)
+    rig.frame(image=LARGE_IMAGE)  # within the interval: skipped
+    assert len(rig.endpoints['cloud'].calls) == 1
+    assert rig.engine.counters['cloud_skipped_uplink'] == 1
+
+
+def test_the_adaptive_uplink_sends_full_quality_over_a_fast_link():
+    rig = Rig({'cloud': 10}, deadline_ms=300.0, uplink='adaptive')
+    for nbytes in (5_000, 20_000, 40_000) * 4:
+        rig.engine.uplink.replied('cloud', nbytes, 0.005 + nbytes / 50_000_000, 0.01)
+    rig.frame(image=LARGE_IMAGE)
+    sent = rig.call('cloud').frame
+    assert (sent.width, sent.height) == (640, 480)
+    fixed = Rig({'cloud': 10})
+    fixed.frame(image=LARGE_IMAGE)
+    assert sent.nbytes == fixed.call('cloud').frame.nbytes  # the best rung is quality 80
+
+
+def test_every_reply_and_timeout_teaches_the_uplink_and_bytes_are_counted():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    for reply in range(3):
+        stamp = rig.frame(image=LARGE_IMAGE)
+        rig.call('cloud').reply(CLOUD_RESULT)
+        rig.at_ms(100.0, stamp)
+    rig.frame(image=LARGE_IMAGE)
+    rig.call('cloud').fail_after('DEADLINE_EXCEEDED: Deadline Exceeded', 80.0)
+    snapshot = rig.engine.snapshot()
+    assert snapshot['uplink_cloud_rtt_ms'] >= 0 and snapshot['uplink_cloud_throughput_kbps'] > 0
+    assert rig.engine.uplink._links['cloud'].samples == 4  # three replies and one timeout
+    sent = [c.frame.nbytes for c in rig.endpoints['cloud'].calls]
+    assert snapshot['cloud_bytes_sent'] == sum(sent) and snapshot['cloud_frames_sent'] == 4
+
+
+def test_an_unknown_uplink_setting_is_refused():
+    with pytest.raises(ValueError, match='uplink'):
+        EngineSettings(uplink='psychic')
+    with pytest.raises(ValueError):
+        EngineSettings(jpeg_quality=0)

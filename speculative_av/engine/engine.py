@@ -34,6 +34,7 @@ from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
 from speculative_av.core.stats import percentile, SpeculationStats
+from speculative_av.core.uplink import AdaptiveUplink, Encoding
 
 LOCAL_SOURCE = 'local'
 LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
@@ -70,6 +71,11 @@ class LocalDetector(Protocol):
         """Detect objects in several images with one forward pass."""
 
 
+FIXED_UPLINK = 'fixed'  # every frame encoded with jpeg_quality and max_image_side
+ADAPTIVE_UPLINK = 'adaptive'  # each frame's encoding chosen to arrive in time, or not sent
+UPLINKS = (FIXED_UPLINK, ADAPTIVE_UPLINK)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What may change while frames flow; each frame keeps the settings it started with."""
@@ -78,6 +84,13 @@ class EngineSettings:
     cloud_enabled: bool = True
     jpeg_quality: int = 80
     max_image_side: int = 0
+    uplink: str = FIXED_UPLINK
+
+    def __post_init__(self) -> None:
+        """Refuse settings no frame could be sent with."""
+        if self.uplink not in UPLINKS:
+            raise ValueError(f'uplink must be one of {UPLINKS}, got {self.uplink!r}')
+        Encoding(self.jpeg_quality, self.max_image_side)  # raises ValueError if out of range
 
 
 @dataclass
@@ -94,7 +107,7 @@ class Frame(Generic[Context]):
     # Whatever the sink built per source (a ROS message), so the fused output can reuse it.
     outputs: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)
-    request_bytes: int = 0
+    request_bytes: int = 0  # of the encoded frame sent to the cloud (0: not sent)
 
     @property
     def deadline_ms(self) -> float:
@@ -147,6 +160,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
     def __init__(self, detector: LocalDetector, to_rgb: Callable[[Raw], Image],
                  sink: EngineSink[Context], *, cloud: CloudDispatcher | None = None,
+                 uplink: AdaptiveUplink | None = None,
                  settings: EngineSettings = EngineSettings(),
                  clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], int] = time.time_ns,
@@ -158,12 +172,15 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
         ``to_rgb`` converts a received frame and raises ValueError for a malformed one.
         ``clock`` is the time deadlines and stamps are on (ns); ``wall_clock`` gives the Unix
-        time sent to the cloud as the request's deadline.
+        time sent to the cloud as the request's deadline. ``uplink`` learns from every call
+        (its estimates are in :meth:`snapshot`) and chooses encodings when the settings say
+        ``uplink='adaptive'``; by default one on the monotonic clock.
         """
         self.detector = detector
         self._to_rgb = to_rgb
         self._sink = sink
         self._cloud = cloud
+        self.uplink = uplink if uplink is not None else AdaptiveUplink()
         self._settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
@@ -179,7 +196,9 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self.stats = SpeculationStats()
         self.counters = {'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0,
                          'stale_frames': 0, 'frame_errors': 0, 'clock_resets': 0,
-                         'cloud_skipped': 0, 'local_batched_frames': 0}
+                         'cloud_skipped': 0, 'cloud_skipped_uplink': 0, 'cloud_frames_sent': 0,
+                         'cloud_bytes_sent': 0,
+                         'local_batched_frames': 0}
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._running = False
@@ -291,7 +310,10 @@ class SpeculativeEngine(Generic[Raw, Context]):
             for q in (50, 95, 99):
                 value = percentile(self.stats.overhead_ms, q)
                 counters[f'node_overhead_ms_p{q}'] = round(value, 3) if value is not None else 0
-            return counters
+        for endpoint, estimates in self.uplink.snapshot().items():
+            for name in ('rtt_ms', 'throughput_kbps', 'server_ms'):
+                counters[f'uplink_{endpoint}_{name}'] = round(estimates[name], 1)
+        return counters
 
     # The worker's steps -------------------------------------------------------------------
 
@@ -340,10 +362,26 @@ class SpeculativeEngine(Generic[Raw, Context]):
         return _Started(key, frame, rgb, began)
 
     def _dispatch(self, key: FrameKey, frame: Frame[Context], rgb: Image, plan: Plan) -> None:
+        """Encode the frame as the uplink setting says and send it, if it can arrive in time."""
         assert self._cloud is not None
         settings = frame.settings
-        encoded = encode_frame(rgb, jpeg_quality=settings.jpeg_quality,
-                               max_image_side=settings.max_image_side)
+        height, width = rgb.shape[:2]
+        encoding: Encoding | None = Encoding(settings.jpeg_quality, settings.max_image_side)
+        if settings.uplink == ADAPTIVE_UPLINK:
+            time_left_s = (frame.deadline_ns - self._clock()) / 1e9
+            encoding = self.uplink.choose(plan.sources, width, height, time_left_s)
+            if encoding is None:
+                with self.lock:
+                    self.counters['cloud_skipped_uplink'] += 1
+                reason = ('no time left' if time_left_s <= 0 else
+                          'SKIPPED: the uplink would not deliver it in time')
+                for name in plan.sources:
+                    self._apply(partial(self._fail_now, key, name, reason))
+                return
+        assert encoding is not None
+        encoded = encode_frame(rgb, jpeg_quality=encoding.jpeg_quality,
+                               max_image_side=encoding.max_image_side)
+        self.uplink.sent(encoding, width, height, encoded.nbytes, encoded.encode_ms / 1e3)
         remaining_ns = frame.deadline_ns - self._clock()
         if remaining_ns <= 0:
             for name in plan.sources:
@@ -355,6 +393,9 @@ class SpeculativeEngine(Generic[Raw, Context]):
               remaining_ns: int) -> None:
         assert self._cloud is not None
         frame.request_bytes = encoded.nbytes
+        with self.lock:
+            self.counters['cloud_frames_sent'] += 1
+            self.counters['cloud_bytes_sent'] += encoded.nbytes
 
         def on_call(name: str, call: Call) -> None:
             with self.lock:
@@ -412,6 +453,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
     def _cloud_outcome(self, key: FrameKey, reply: CloudReply) -> None:
         frame = self._frames.get(key)
+        if frame is not None and frame.request_bytes:
+            self._learn(frame.request_bytes, reply)
         if reply.ok:
             if frame is not None:
                 self._sink.cloud(frame, reply.endpoint, reply.detections)
@@ -420,6 +463,18 @@ class SpeculativeEngine(Generic[Raw, Context]):
             self._apply(lambda now: self._arbiter.cancelled(key, reply.endpoint, now))
         else:
             self._apply(partial(self._fail_now, key, reply.endpoint, reply.error))
+
+    def _learn(self, nbytes: int, reply: CloudReply) -> None:
+        """Tell the uplink what a call took (a cancelled or unsent one says nothing)."""
+        try:
+            if reply.ok:
+                self.uplink.replied(reply.endpoint, nbytes, reply.round_trip_ms / 1e3,
+                                    (reply.server_queue_ms + reply.server_inference_ms) / 1e3)
+            elif reply.round_trip_ms > 0:
+                self.uplink.failed(reply.endpoint, nbytes, reply.round_trip_ms / 1e3,
+                                   timed_out=reply.error.startswith('DEADLINE_EXCEEDED'))
+        except ValueError as error:  # a measurement the model refuses: the reply still counts
+            self._frame_error(f'learning from the reply of {reply.endpoint}', error)
 
     # Arbitration and outputs --------------------------------------------------------------
 

@@ -45,8 +45,10 @@ from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
+from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
-from speculative_av.engine.engine import EngineSettings, Frame, LOCAL_SOURCE, SpeculativeEngine
+from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
+                                          SpeculativeEngine)
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
@@ -57,7 +59,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 
 # Parameters the engine reads per frame, settable at run time.
 RUNTIME_SETTINGS = ('deadline_ms', 'deadline_reference', 'cloud.enabled', 'cloud.jpeg_quality',
-                    'cloud.max_image_side')
+                    'cloud.max_image_side', 'cloud.uplink')
 
 
 def _check_cameras(cameras: list[str], transport: str) -> None:
@@ -152,6 +154,15 @@ class SpeculativeDetector(LifecycleNode):
                 'Downscale frames so their longer side is at most this before sending '
                 '(0 = full size); replies are mapped back to full-size pixels.',
                 value_range=(0, 65_535))
+        declare(self, 'cloud.uplink', FIXED_UPLINK,
+                "How frames are encoded for the cloud: 'fixed' (cloud.jpeg_quality, "
+                "cloud.max_image_side) or 'adaptive' (per frame, the best quality and scale "
+                'predicted to arrive by the deadline from recent calls; a frame predicted not to '
+                'is not sent, counted as cloud_skipped_uplink). Settable at run time.')
+        declare(self, 'cloud.uplink_probe_interval_ms', 1000.0,
+                'Adaptive uplink: while every frame is predicted too late, still send one (at '
+                'the smallest size) this often, so the estimate can recover.', read_only=True,
+                value_range=(1.0, 600_000.0))
         declare(self, 'cloud.max_outstanding', 4,
                 'Calls in flight per endpoint; a frame that would wait behind them is not sent '
                 'there (counted as cloud_skipped).', read_only=True, value_range=(1, 1024))
@@ -244,8 +255,10 @@ class SpeculativeDetector(LifecycleNode):
             max_outstanding=self.get_parameter('cloud.max_outstanding').value,
             hedge_after_s=hedge_after_ms / 1e3 if hedge_after_ms > 0 else None,
             hedge_ratio=self.get_parameter('cloud.hedge_ratio').value) if specs else None
+        uplink = AdaptiveUplink(
+            probe_interval_s=self.get_parameter('cloud.uplink_probe_interval_ms').value / 1e3)
         self.engine = SpeculativeEngine(
-            detector, _to_rgb, self, cloud=self._dispatcher, settings=settings,
+            detector, _to_rgb, self, cloud=self._dispatcher, uplink=uplink, settings=settings,
             clock=self._now_ns, stamp_backstep_tolerance_ns=tolerance_ns,
             logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger())
         self.get_logger().info(
@@ -355,7 +368,7 @@ class SpeculativeDetector(LifecycleNode):
         return EngineSettings(
             DeadlinePolicy.from_ms(value['deadline_ms'], value['deadline_reference']),
             cloud_enabled=value['cloud.enabled'], jpeg_quality=value['cloud.jpeg_quality'],
-            max_image_side=value['cloud.max_image_side'])
+            max_image_side=value['cloud.max_image_side'], uplink=value['cloud.uplink'])
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Apply run-time settings to frames that start from now on; reject invalid values."""
