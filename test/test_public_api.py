@@ -60,17 +60,17 @@ def test_readme_documents_every_parameter_and_executable(node):
 
 def test_deadline_can_be_changed_at_run_time_and_is_validated(node):
     assert node.set_parameters([Parameter('deadline_ms', value=80.0)])[0].successful
-    assert node._policy.budget_ns == 80_000_000
+    assert node.settings.deadline.budget_ns == 80_000_000
     assert not node.set_parameters([Parameter('deadline_ms', value=-1.0)])[0].successful
     assert not node.set_parameters([Parameter('deadline_reference', value='soon')])[0].successful
     assert node.set_parameters([Parameter('deadline_reference', value='arrival')])[0].successful
-    assert node._policy.budget_ns == 80_000_000
+    assert node.settings.deadline.budget_ns == 80_000_000
 
 
 @pytest.mark.parametrize('name, value', [
     ('deadline_ms', float('inf')), ('deadline_ms', float('nan')), ('deadline_ms', 0.0),
     ('cloud.jpeg_quality', 0), ('cloud.jpeg_quality', 101), ('cloud.max_image_side', -1),
-    ('deadline_ms', 'soon'), ('cloud.enabled', 'yes')])
+    ('deadline_ms', 'soon'), ('cloud.enabled', 'yes'), ('cloud.uplink', 'psychic')])
 def test_hostile_parameter_values_are_refused_and_the_node_keeps_its_own(node, name, value):
     before = node.get_parameter(name).value
     try:
@@ -80,7 +80,7 @@ def test_hostile_parameter_values_are_refused_and_the_node_keeps_its_own(node, n
     else:
         assert not result.successful
     assert node.get_parameter(name).value == before
-    assert node._policy.budget_ns > 0
+    assert node.settings.deadline.budget_ns > 0
 
 
 def _launch_arguments(source: str) -> tuple[set[str], set[str]]:

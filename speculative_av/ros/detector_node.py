@@ -190,6 +190,7 @@ class SpeculativeDetector(LifecycleNode):
         declare(self, 'cloud.token_file', '',
                 "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
                 "metadata over TLS ('' = no token).", read_only=True)
+        self.settings = self._settings_from({})  # what frames starting now get
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: SpeculativeEngine[Image | CompressedImage, Header] | None = None
         self._health_changes: dict[str, int] = {}
@@ -206,7 +207,7 @@ class SpeculativeDetector(LifecycleNode):
         """Load the local model, connect to the cloud endpoints, create publishers."""
         try:
             threads = self.get_parameter('local.threads').value
-            settings = self._settings_from({})
+            settings = self.settings
             self._detector = TorchvisionDetector(
                 self.get_parameter('local.model').value, self.get_parameter('local.weights').value,
                 self.get_parameter('local.device').value,
@@ -379,6 +380,7 @@ class SpeculativeDetector(LifecycleNode):
             settings = self._settings_from(changes)
         except ValueError as error:
             return SetParametersResult(successful=False, reason=str(error))
+        self.settings = settings
         if self.engine is not None:
             self.engine.update(**vars(settings))
         return SetParametersResult(successful=True)
