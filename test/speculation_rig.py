@@ -81,6 +81,7 @@ class Observer:
     images: list[tuple[Image, int]] = field(default_factory=list)
     fused: list[tuple[Detection2DArray, int]] = field(default_factory=list)
     local: list[tuple[Detection2DArray, int]] = field(default_factory=list)
+    cloud: list[tuple[Detection2DArray, int]] = field(default_factory=list)
     decisions: list[tuple[dict[str, str], int]] = field(default_factory=list)
     diagnostics: list[dict[str, dict[str, str]]] = field(default_factory=list)
 
@@ -94,6 +95,8 @@ class Observer:
                                       lambda m: keep(self.fused, m), 100)
         self.node.create_subscription(Detection2DArray, 'detections/local',
                                       lambda m: keep(self.local, m), 100)
+        self.node.create_subscription(Detection2DArray, 'detections/cloud',
+                                      lambda m: keep(self.cloud, m), 100)
         self.node.create_subscription(DiagnosticStatus, 'speculation/decisions',
                                       self._on_decision, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)

@@ -166,7 +166,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
                  wall_clock: Callable[[], int] = time.time_ns,
                  stamp_backstep_tolerance_ns: int = 1_000_000_000,
                  batch_cameras: bool = True, logger: Logger | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 history: SpeculativeEngine[Any, Any] | None = None) -> None:
         """
         Build the engine; nothing runs until :meth:`start` (or a hand-driven :meth:`process`).
 
@@ -174,7 +175,9 @@ class SpeculativeEngine(Generic[Raw, Context]):
         ``clock`` is the time deadlines and stamps are on (ns); ``wall_clock`` gives the Unix
         time sent to the cloud as the request's deadline. ``uplink`` learns from every call
         (its estimates are in :meth:`snapshot`) and chooses encodings when the settings say
-        ``uplink='adaptive'``; by default one on the monotonic clock.
+        ``uplink='adaptive'``; by default one on the monotonic clock. The counters and stats
+        of ``history`` (the engine this one replaces, e.g. after a lifecycle cleanup and
+        configure) carry on, so totals stay totals.
         """
         self.detector = detector
         self._to_rgb = to_rgb
@@ -193,12 +196,11 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self._arbiter = Arbiter(max(0, stamp_backstep_tolerance_ns))
         self._frames: dict[FrameKey, Frame[Context]] = {}
         self.slots: LatestFrameSlots[_Waiting[Raw, Context]] = LatestFrameSlots()
-        self.stats = SpeculationStats()
-        self.counters = {'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0,
-                         'stale_frames': 0, 'frame_errors': 0, 'clock_resets': 0,
-                         'cloud_skipped': 0, 'cloud_skipped_uplink': 0, 'cloud_frames_sent': 0,
-                         'cloud_bytes_sent': 0,
-                         'local_batched_frames': 0}
+        self.stats = history.stats if history is not None else SpeculationStats()
+        self.counters = history.counters if history is not None else {
+            'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0, 'stale_frames': 0,
+            'frame_errors': 0, 'clock_resets': 0, 'cloud_skipped': 0, 'cloud_skipped_uplink': 0,
+            'cloud_frames_sent': 0, 'cloud_bytes_sent': 0, 'local_batched_frames': 0}
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._running = False

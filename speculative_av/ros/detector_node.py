@@ -14,12 +14,14 @@ process exits with 1, so a supervisor restarts it instead of a zombie living on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from functools import partial
 import gc
 import signal
 import sys
+import traceback
 from types import FrameType
-from typing import Any
+from typing import Any, Callable, cast, TypeVar
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
@@ -84,6 +86,21 @@ def _to_rgb(msg: Image | CompressedImage) -> npt.NDArray[np.uint8]:
     if isinstance(msg, CompressedImage):
         return compressed_msg_to_rgb(msg)
     return image_msg_to_rgb(msg)
+
+
+Transition = TypeVar('Transition', bound=Callable[..., TransitionCallbackReturn])
+
+
+def _logged(transition: Transition) -> Transition:
+    """Log an exception escaping a lifecycle transition (rclpy turns it into ERROR silently)."""
+    @functools.wraps(transition)
+    def run(node: SpeculativeDetector, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return transition(node, state)
+        except Exception:
+            node.get_logger().error(f'{transition.__name__} raised:\n{traceback.format_exc()}')
+            raise
+    return cast(Transition, run)
 
 
 @dataclass
@@ -203,6 +220,7 @@ class SpeculativeDetector(LifecycleNode):
 
     # Lifecycle ---------------------------------------------------------------------------
 
+    @_logged
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the local model, connect to the cloud endpoints, create publishers."""
         try:
@@ -261,7 +279,8 @@ class SpeculativeDetector(LifecycleNode):
         self.engine = SpeculativeEngine(
             detector, _to_rgb, self, cloud=self._dispatcher, uplink=uplink, settings=settings,
             clock=self._now_ns, stamp_backstep_tolerance_ns=tolerance_ns,
-            logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger())
+            logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger(),
+            history=self.engine)
         self.get_logger().info(
             f'local detector {detector.model_name} ({detector.model_version}) on '
             f'{detector.device}; cloud: '
@@ -285,6 +304,7 @@ class SpeculativeDetector(LifecycleNode):
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the engine's threads."""
         result = super().on_activate(state)
@@ -301,6 +321,7 @@ class SpeculativeDetector(LifecycleNode):
         self.engine.start()
         return result
 
+    @_logged
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop taking frames; frames in flight are decided now with the results in hand."""
         for camera in self._cameras.values():
@@ -313,11 +334,13 @@ class SpeculativeDetector(LifecycleNode):
             return TransitionCallbackReturn.ERROR  # on to ErrorProcessing
         return super().on_deactivate(state)
 
+    @_logged
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release the model, the cloud channels and the publishers."""
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release everything after a thread died; FAILURE ends in Finalized."""
         self.get_logger().fatal(f'error processing: {self.failed or "transition failed"}')
@@ -329,6 +352,7 @@ class SpeculativeDetector(LifecycleNode):
         """Return why a thread of the node died ('' while none did)."""
         return self.engine.fatal if self.engine is not None else ''
 
+    @_logged
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop everything from any state."""
         self.close()
