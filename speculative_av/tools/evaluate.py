@@ -182,7 +182,7 @@ def write_report(out: Path, args: argparse.Namespace, setup: DriveSetup,
     lines = [
         '# Speculative execution: offline evaluation', '',
         f'Recording `{args.recording}`: {len(setup.frames)} frames with ground truth, driven '
-        'through the vehicle\'s `SpeculativeEngine` in simulated time. Network seed '
+        "through the vehicle's `SpeculativeEngine` in simulated time. Network seed "
         f'{args.seed}. Local: `{args.local_model}` (`{args.local_weights}`); cloud: '
         f'`{args.cloud_model}` (`{args.cloud_weights}`), server time divided by '
         f'{args.cloud_speedup:g}. JPEG quality {args.jpeg_quality}, max image side '
