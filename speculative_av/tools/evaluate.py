@@ -26,7 +26,7 @@ from rosbags.rosbag2 import Reader
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
-from speculative_av.engine.engine import EngineSettings
+from speculative_av.engine.engine import EngineSettings, FIXED_UPLINK, UPLINKS
 from speculative_av.netem.profiles import load_profiles, NetworkModel, NetworkProfile
 from speculative_av.package_files import model_path
 from speculative_av.ros.image_conversion import compressed_msg_to_rgb, image_msg_to_rgb
@@ -107,17 +107,19 @@ class DriveSetup:
     image_size: tuple[int, int]  # (width, height)
 
 
-def drive(setup: DriveSetup, profile: NetworkProfile, deadline_ms: float) -> DriveResult:
+def drive(setup: DriveSetup, profile: NetworkProfile, deadline_ms: float,
+          uplink: str) -> DriveResult:
     """Drive the recording through the engine under ``profile`` with ``deadline_ms``."""
     settings = EngineSettings(DeadlinePolicy.from_ms(deadline_ms),
                               jpeg_quality=setup.jpeg_quality,
-                              max_image_side=setup.max_image_side)
+                              max_image_side=setup.max_image_side, uplink=uplink)
     return simulate_drive(setup.frames, setup.server, NetworkModel(profile, setup.seed),
                           settings, cloud_speedup=setup.cloud_speedup,
                           max_outstanding=setup.max_outstanding)
 
 
-def policy_row(setup: DriveSetup, result: DriveResult, deadline_ms: float) -> dict:
+def policy_row(setup: DriveSetup, result: DriveResult, deadline_ms: float,
+               uplink: str) -> dict:
     """Return one drive's mAP per policy, cloud results in time, lateness and bytes sent."""
     local_only, cloud_only, speculative, late, in_time = [], [], [], [], []
     for frame in setup.frames:
@@ -130,7 +132,7 @@ def policy_row(setup: DriveSetup, result: DriveResult, deadline_ms: float) -> di
         speculative.append(decision.detections if decision is not None else Detections.empty())
         late.append(decision is not None and decision.late)
         in_time.append(cloud is not None)
-    row = {'deadline_ms': deadline_ms, 'cloud_in_time': float(np.mean(in_time)),
+    row = {'deadline_ms': deadline_ms, 'uplink': uplink, 'cloud_in_time': float(np.mean(in_time)),
            'late': float(np.mean(late)),
            'bytes_per_frame': float(np.mean([result.bytes_sent(f.stamp_ns)
                                              for f in setup.frames])),
@@ -144,27 +146,30 @@ def policy_row(setup: DriveSetup, result: DriveResult, deadline_ms: float) -> di
     return row
 
 
-def evaluate(setup: DriveSetup, profiles: list[str], deadlines_ms: list[float]) -> dict:
-    """Return mAP and arrival statistics per profile and deadline, each from one drive."""
+def evaluate(setup: DriveSetup, profiles: list[str], deadlines_ms: list[float],
+             uplinks: list[str]) -> dict:
+    """Return mAP and arrival statistics per profile, deadline and uplink, one drive each."""
     available = load_profiles()
     unknown = [name for name in profiles if name not in available]
     if unknown:
         raise ValueError(f'unknown network profile(s) {unknown}; known: {sorted(available)}')
     results: dict = {}
-    progress = tqdm(total=len(profiles) * len(deadlines_ms), desc='simulated drives',
-                    unit='drive', file=sys.stderr)
+    progress = tqdm(total=len(profiles) * len(deadlines_ms) * len(uplinks),
+                    desc='simulated drives', unit='drive', file=sys.stderr)
     for name in profiles:
-        rows, calls = [], []
-        for deadline in deadlines_ms:
-            result = drive(setup, available[name], deadline)
-            rows.append(policy_row(setup, result, deadline))
-            calls = result.calls  # the longest deadline's: its replies are cut off least
-            progress.update()
-        results[name] = {
-            'rows': rows,
-            'cloud_ms': [None if c.reply_ns is None else (c.reply_ns - c.stamp_ns) / 1e6
-                         for c in calls],
-            'local_ms': [f.local_s * 1e3 for f in setup.frames]}
+        rows: list[dict] = []
+        cloud_ms: dict[str, list[float | None]] = {}
+        for uplink in uplinks:
+            for deadline in deadlines_ms:
+                result = drive(setup, available[name], deadline, uplink)
+                rows.append(policy_row(setup, result, deadline, uplink))
+                # The longest deadline's calls last: their replies are cut off least.
+                cloud_ms[uplink] = [None if c.reply_ns is None
+                                    else (c.reply_ns - c.stamp_ns) / 1e6
+                                    for c in result.calls]
+                progress.update()
+        results[name] = {'rows': rows, 'cloud_ms': cloud_ms,
+                         'local_ms': [f.local_s * 1e3 for f in setup.frames]}
     progress.close()
     return results
 
@@ -195,20 +200,25 @@ def write_report(out: Path, args: argparse.Namespace, setup: DriveSetup,
         'fused result came after the deadline because even the local detector was slower; '
         '*kB/frame*: JPEG bytes sent to the cloud per frame.', '']
     for profile, result in results.items():
-        arrived = [c for c in result['cloud_ms'] if c is not None]
-        lines += [f'## `{profile}`', '',
-                  f'Cloud result after p50 {_pct(arrived, 50)} ms / p95 {_pct(arrived, 95)} ms '
-                  f'from the stamp; {sum(c is None for c in result["cloud_ms"])} of '
-                  f'{len(result["cloud_ms"])} requests lost to outages (longest deadline).', '',
-                  '| deadline ms | cloud in time | local-only | cloud-only | speculative | late '
-                  '| kB/frame |',
-                  '|---:|---:|---:|---:|---:|---:|---:|']
-        for row in result['rows']:
-            cells = [f'{row[p]:.3f} ({row[p + "_mAP50"]:.3f})' for p in POLICIES]
-            lines.append(f'| {row["deadline_ms"]:g} | {row["cloud_in_time"]:.0%} | '
-                         + ' | '.join(cells) + f' | {row["late"]:.0%} | '
-                         f'{row["bytes_per_frame"] / 1e3:.1f} |')
-        lines.append('')
+        lines += [f'## `{profile}`', '']
+        for uplink, calls_ms in result['cloud_ms'].items():
+            arrived = [c for c in calls_ms if c is not None]
+            lines += [f'### `{uplink}` uplink', '',
+                      f'Cloud result after p50 {_pct(arrived, 50)} ms / p95 '
+                      f'{_pct(arrived, 95)} ms from the stamp; '
+                      f'{sum(c is None for c in calls_ms)} of {len(calls_ms)} requests lost '
+                      'to outages (longest deadline).', '',
+                      '| deadline ms | cloud in time | local-only | cloud-only | speculative '
+                      '| late | kB/frame |',
+                      '|---:|---:|---:|---:|---:|---:|---:|']
+            for row in (r for r in result['rows'] if r['uplink'] == uplink):
+                cells = [f'{row[p]:.3f} ({row[p + "_mAP50"]:.3f})' for p in POLICIES]
+                lines.append(f'| {row["deadline_ms"]:g} | {row["cloud_in_time"]:.0%} | '
+                             + ' | '.join(cells) + f' | {row["late"]:.0%} | '
+                             f'{row["bytes_per_frame"] / 1e3:.1f} |')
+            lines.append('')
+        if len(result['cloud_ms']) > 1:
+            lines += _comparison(result['rows'], list(result['cloud_ms']))
     lines += ['![mAP vs deadline](map_vs_deadline.png)', '',
               '![latency CDF](latency_cdf.png)', '']
     report = out / 'report.md'
@@ -223,14 +233,34 @@ def write_report(out: Path, args: argparse.Namespace, setup: DriveSetup,
     return report
 
 
+def _comparison(rows: list[dict], uplinks: list[str]) -> list[str]:
+    """Return a markdown table of the uplinks side by side, per deadline."""
+    names = ' / '.join(uplinks)
+    lines = [f'### Side by side: {names}', '',
+             '| deadline ms | cloud in time | speculative mAP | kB/frame |',
+             '|---:|---:|---:|---:|']
+    for deadline in dict.fromkeys(r['deadline_ms'] for r in rows):
+        by_uplink = {r['uplink']: r for r in rows if r['deadline_ms'] == deadline}
+        ordered = [by_uplink[u] for u in uplinks]
+        lines.append(f'| {deadline:g} | '
+                     + ' / '.join(f'{r["cloud_in_time"]:.0%}' for r in ordered) + ' | '
+                     + ' / '.join(f'{r["speculative"]:.3f}' for r in ordered) + ' | '
+                     + ' / '.join(f'{r["bytes_per_frame"] / 1e3:.1f}' for r in ordered) + ' |')
+    return lines + ['']
+
+
 def _plot_map(path: Path, results: dict) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), sharey=True,
                              squeeze=False)
     for ax, (profile, result) in zip(axes[0], results.items()):
-        deadlines = [r['deadline_ms'] for r in result['rows']]
-        for policy, style in zip(POLICIES, ('s--', 'o--', 'D-')):
-            ax.plot(deadlines, [r[policy] for r in result['rows']], style,
-                    label=policy.replace('_', '-'))
+        for index, uplink in enumerate(result['cloud_ms']):
+            rows = [r for r in result['rows'] if r['uplink'] == uplink]
+            deadlines = [r['deadline_ms'] for r in rows]
+            # Local-only does not depend on the uplink: drawn once.
+            for policy, marker in zip(POLICIES[index > 0:], 'soD'[index > 0:]):
+                style = ':' if index else '-' if policy == 'speculative' else '--'
+                ax.plot(deadlines, [r[policy] for r in rows], marker + style,
+                        label=policy.replace('_', '-') + f' ({uplink} uplink)')
         ax.set(title=f'network: {profile}', xlabel='deadline (ms)', xscale='log')
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel('mAP@[.5:.95]')
@@ -250,7 +280,8 @@ def _plot_latency(path: Path, results: dict) -> None:
 
     cdf(next(iter(results.values()))['local_ms'], 'local inference', 'k-')
     for profile, result in results.items():
-        cdf(result['cloud_ms'], f'cloud via {profile}', '-')
+        for uplink, calls_ms in result['cloud_ms'].items():
+            cdf(calls_ms, f'cloud via {profile} ({uplink} uplink)', '-')
     for deadline in next(iter(results.values()))['rows']:
         ax.axvline(deadline['deadline_ms'], color='grey', lw=0.5, ls=':')
     ax.set(xlabel='time from frame start to result (ms); dotted: evaluated deadlines',
@@ -287,6 +318,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--max-image-side', type=int, default=0)
     parser.add_argument('--cloud-speedup', type=float, default=1.0,
                         help='divide measured cloud server time by this (emulate a GPU server)')
+    parser.add_argument('--uplink', nargs='+', choices=UPLINKS, default=[FIXED_UPLINK],
+                        help="how frames are encoded for the cloud (the node's cloud.uplink); "
+                        'several are compared side by side')
     parser.add_argument('--max-outstanding', type=int, default=4,
                         help="cloud calls in flight at most (the node's cloud.max_outstanding)")
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
@@ -307,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = DriveSetup(measure_local(frames, local), [f.truth for f in frames],
                        SimulatedServer(cloud), args.seed, args.cloud_speedup, args.jpeg_quality,
                        args.max_image_side, args.max_outstanding, (width, height))
-    results = evaluate(setup, args.profiles, sorted(args.deadlines_ms))
+    results = evaluate(setup, args.profiles, sorted(args.deadlines_ms),
+                       list(dict.fromkeys(args.uplink)))
     report = write_report(args.out, args, setup, results)
     print(report.read_text())
     print(f'report: {report}', file=sys.stderr)

@@ -37,6 +37,7 @@ from speculative_av.cloud.dispatch import CloudDispatcher
 from speculative_av.cloud.reply import CloudReply
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.detections import Detections
+from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.engine.engine import EngineSettings, Frame, SpeculativeEngine
 from speculative_av.netem.profiles import NetworkModel
 
@@ -369,7 +370,9 @@ def simulate_drive(frames: Sequence[DriveFrame], server: SimulatedServer,
     Run ``frames`` (in stamp order) through a :class:`SpeculativeEngine` in virtual time.
 
     The network model's time 0 is the first frame's stamp; use a fresh model per drive so
-    that equal calls draw equal delays. Every frame the engine processed is decided.
+    that equal calls draw equal delays. ``settings.uplink`` chooses fixed or adaptive
+    encoding; the adaptive uplink starts unlearned and runs on the virtual clock. Every frame
+    the engine processed is decided.
     """
     if not frames:
         raise ValueError('a drive needs at least one frame')
@@ -384,6 +387,7 @@ def simulate_drive(frames: Sequence[DriveFrame], server: SimulatedServer,
         SimulatedDetector(frames, events), lambda frame: frame.rgb, sink,
         cloud=CloudDispatcher([endpoint], {ENDPOINT: CLOUD_PRIORITY},
                               max_outstanding=max_outstanding, clock=lambda: clock() / 1e9),
+        uplink=AdaptiveUplink(clock=lambda: clock() / 1e9),
         settings=settings, clock=clock, wall_clock=lambda: UNIX_EPOCH_OFFSET_NS + clock())
     events.attach(engine)
     for frame in frames:
