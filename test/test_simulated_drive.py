@@ -1,8 +1,8 @@
 """
 The simulated drive: the real engine in virtual time, against a modelled network and server.
 
-Deterministic: the network model is seeded and the times that matter are set by the profiles
-here (tens of ms), far above the measured decode time of the tiny images (well under 1 ms).
+Deterministic: the network model is seeded and the server's decode and inference take 1 ms
+each on a scripted timer.
 """
 from __future__ import annotations
 
@@ -46,13 +46,28 @@ def frames(count: int = 1, local_ms: float = 20.0, period_ms: float = 100.0,
                        LOCAL_RESULT, local_ms / 1e3) for i in range(count)]
 
 
+class StepTimer:
+    """A timer that advances 1 ms per reading: decode and inference take 1 ms each."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        self.now_s += 0.001
+        return self.now_s
+
+
+def server() -> SimulatedServer:
+    return SimulatedServer(ScriptedCloudDetector(), StepTimer())
+
+
 def settings(deadline_ms: float, **changes: object) -> EngineSettings:
     return EngineSettings(DeadlinePolicy.from_ms(deadline_ms), **changes)  # type: ignore[arg-type]
 
 
 def drive(drive_frames, profile, deadline_ms, seed=0, **changes):
-    server = SimulatedServer(ScriptedCloudDetector())
-    return server, simulate_drive(drive_frames, server, NetworkModel(profile, seed),
+    cloud = server()
+    return cloud, simulate_drive(drive_frames, cloud, NetworkModel(profile, seed),
                                   settings(deadline_ms, **changes))
 
 
@@ -135,14 +150,14 @@ def test_bytes_counted_are_the_real_encoded_sizes_and_the_server_sees_the_sent_j
 
 def test_each_distinct_jpeg_is_served_once_across_drives():
     drive_frames = frames(3)
-    server = SimulatedServer(ScriptedCloudDetector())
+    cloud = server()
     for deadline_ms in (50.0, 200.0):
-        simulate_drive(drive_frames, server, NetworkModel(NetworkProfile('lan')),
+        simulate_drive(drive_frames, cloud, NetworkModel(NetworkProfile('lan')),
                        settings(deadline_ms))
-    assert len(server.answers) == 3
-    simulate_drive(drive_frames, server, NetworkModel(NetworkProfile('lan')),
+    assert len(cloud.answers) == 3
+    simulate_drive(drive_frames, cloud, NetworkModel(NetworkProfile('lan')),
                    settings(200.0, jpeg_quality=20))
-    assert len(server.answers) == 6
+    assert len(cloud.answers) == 6
 
 
 def test_under_a_jittery_network_cloud_wins_exactly_when_its_modelled_reply_is_in_time():
@@ -183,11 +198,25 @@ def test_frames_arriving_while_the_detector_is_busy_wait_and_each_gets_one_decis
 
 
 def test_bad_drives_are_refused():
-    server = SimulatedServer(ScriptedCloudDetector())
+    cloud = server()
     network = NetworkModel(NetworkProfile('lan'))
     with pytest.raises(ValueError, match='at least one frame'):
-        simulate_drive([], server, network, settings(100.0))
+        simulate_drive([], cloud, network, settings(100.0))
     with pytest.raises(ValueError, match='increasing stamp order'):
-        simulate_drive(frames(2)[::-1], server, network, settings(100.0))
+        simulate_drive(frames(2)[::-1], cloud, network, settings(100.0))
     with pytest.raises(ValueError, match='cloud_speedup'):
-        simulate_drive(frames(1), server, network, settings(100.0), cloud_speedup=0.0)
+        simulate_drive(frames(1), cloud, network, settings(100.0), cloud_speedup=0.0)
+
+
+def test_the_adaptive_uplink_on_a_slow_link_sends_fewer_bytes_all_counted():
+    drive_frames = frames(30, size=(160, 120))
+    slow = NetworkProfile('slow', rtt_ms=40.0, bandwidth_mbps=0.5)
+    _, fixed = drive(drive_frames, slow, deadline_ms=170.0)
+    _, adaptive = drive(drive_frames, slow, deadline_ms=170.0, uplink='adaptive')
+    sent = {c.stamp_ns: c.image_bytes for c in adaptive.calls}
+    assert len(sent) + adaptive.counters['cloud_skipped_uplink'] == len(drive_frames)
+    for frame in drive_frames:
+        assert adaptive.bytes_sent(frame.stamp_ns) == sent.get(frame.stamp_ns, 0)
+        assert adaptive.frames[frame.stamp_ns].decision is not None
+    total = sum(sent.values())
+    assert total < sum(fixed.bytes_sent(f.stamp_ns) for f in drive_frames)

@@ -87,9 +87,11 @@ class ServerAnswer:
 class SimulatedServer:
     """The cloud detector behind the simulated endpoints, answering each distinct JPEG once."""
 
-    def __init__(self, detector: CloudDetector) -> None:
-        """Serve ``detector``; its answers and measured times are cached per request image."""
+    def __init__(self, detector: CloudDetector,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
+        """Serve ``detector``; its answers and times measured on ``timer`` are cached."""
         self.detector = detector
+        self._timer = timer
         self._answers: dict[tuple[int, bytes], ServerAnswer] = {}
 
     def answer(self, request_image: EncodedFrame, stamp_ns: int) -> ServerAnswer:
@@ -107,12 +109,12 @@ class SimulatedServer:
     def _serve(self, frame: EncodedFrame) -> ServerAnswer:
         """Decode and detect as the server does, timing both."""
         request = build_request(frame, '', 0, 0)
-        started = time.perf_counter()
+        started = self._timer()
         rgb = decode_request_image(request)
-        decoded = time.perf_counter()
+        decoded = self._timer()
         detections = to_original_coordinates(self.detector.detect(rgb), request,
                                              rgb.shape[1], rgb.shape[0])
-        inferred = time.perf_counter()
+        inferred = self._timer()
         response = detections_to_response(
             detections, model_name=self.detector.model_name,
             model_version=self.detector.model_version, server_receive_unix_ns=0, queue_ms=0,
