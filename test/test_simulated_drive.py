@@ -68,7 +68,7 @@ def settings(deadline_ms: float, **changes: object) -> EngineSettings:
 def drive(drive_frames, profile, deadline_ms, seed=0, **changes):
     cloud = server()
     return cloud, simulate_drive(drive_frames, cloud, NetworkModel(profile, seed),
-                                  settings(deadline_ms, **changes))
+                                 settings(deadline_ms, **changes))
 
 
 def same(a: Detections, b: Detections) -> bool:
