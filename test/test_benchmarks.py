@@ -1,17 +1,35 @@
 """Slow measurements that print figures (run with `make benchmark`); no timed asserts."""
+from concurrent import futures
+from functools import partial
+import itertools
 import os
 import time
 
+import grpc
 import numpy as np
 import pytest
+from rclpy.serialization import deserialize_message, serialize_message
 from ros_harness import running, wait_until
+from sensor_msgs.msg import CompressedImage, Image
+import simplejpeg
 from speculation_rig import camera_command, cloud_server, detector, free_port, observer
 
+from speculative_av.cloud import detection_pb2, detection_pb2_grpc
+from speculative_av.cloud.codec import build_request, encode_frame
+from speculative_av.cloud.oip_codec import build_infer_request
+from speculative_av.core.arbiter import Arbiter, Source
+from speculative_av.core.detections import Detections
 from speculative_av.detectors.onnx_backend import OnnxSettings
 from speculative_av.detectors.torchvision_detector import TorchvisionDetector
 from speculative_av.package_files import model_path
+from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
+                                                 rgb_to_compressed_msg, rgb_to_image_msg)
+from speculative_av.ros.messages import detections_cdr, detections_msg
+from speculative_av.ros.spinning import background_node
 from speculative_av.scenes.generator import generate_scene
+from std_msgs.msg import Header
 import torch
+from vision_msgs.msg import Detection2DArray
 
 pytestmark = pytest.mark.benchmark
 
@@ -133,3 +151,103 @@ def test_local_backends_latency_640x480(model, weights, tmp_path):
             print(f'  {backend:11s} {threads} thread(s): p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, '
                   f'{len(timed.detect(image))} detections')
     torch.set_num_threads(1)
+
+
+def _p50_ms(step, repeats=200):
+    """Return the median wall time of ``step()`` in ms, after a short warm-up."""
+    for _ in range(10):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return np.median(times)
+
+
+def test_node_steps_besides_inference_640x480():
+    """
+    Each step the node takes per frame besides local inference, alone in one thread.
+
+    The node's own overhead figure (diagnostics) adds what these leave out: other threads
+    holding the GIL and other processes holding the CPU. Detection counts: the trained
+    ssdlite320 finds ~3 per synthetic frame, random weights 300.
+    """
+    torch.set_num_threads(1)
+    rgb = generate_scene(1).image
+    header = Header(frame_id='cam_front')
+    received = {encoding: deserialize_message(serialize_message(
+        rgb_to_image_msg(rgb, header, encoding)), Image) for encoding in ('rgb8', 'bgr8')}
+    jpeg_msg = deserialize_message(serialize_message(rgb_to_compressed_msg(rgb, header)),
+                                   CompressedImage)
+    rng = np.random.default_rng(0)
+
+    def detections(count):
+        corners = rng.uniform(0, 560, (count, 2))
+        return Detections(np.hstack([corners, corners + rng.uniform(5, 80, (count, 2))]),
+                          rng.uniform(0.3, 1, count), rng.integers(1, 91, count))
+
+    frame = encode_frame(rgb)
+    assert simplejpeg.decode_jpeg_header(frame.data)[:2] == (480, 640)
+    steps = {
+        'image_msg_to_rgb rgb8 (a view)': lambda: image_msg_to_rgb(received['rgb8']),
+        'image_msg_to_rgb bgr8': lambda: image_msg_to_rgb(received['bgr8']),
+        'compressed_msg_to_rgb jpeg': lambda: compressed_msg_to_rgb(jpeg_msg),
+        'encode_frame jpeg q80': lambda: encode_frame(rgb),
+        'build_request (native)': lambda: build_request(frame, 'cam_front', 1, 2),
+        'build_infer_request (OIP)': lambda: build_infer_request('detector', frame, 0.1),
+    }
+    by_count = {count: detections(count) for count in (3, 20, 300)}
+    for count, found in by_count.items():
+        steps[f'detections_msg {count} detections'] = partial(detections_msg, found, header)
+        steps[f'detections_cdr {count} detections'] = partial(detections_cdr, found, header)
+    arbiter, clock = Arbiter(), itertools.count(0, 33_000_000)
+    local, cloud = Source('local', 0, cancellable=False), Source('cloud', 10)
+
+    def race():
+        now = next(clock)
+        key = arbiter.open('', now, now, now + 150_000_000, [local, cloud])
+        arbiter.arrive(key, 'local', by_count[3], now + 1)
+        assert arbiter.fail(key, 'cloud', now + 2, 'down').decisions
+
+    steps['arbiter open, arrive, fail'] = race
+    figures = {name: _p50_ms(step) for name, step in steps.items()}
+    with background_node('overhead_benchmark') as node:
+        publisher = node.create_publisher(Detection2DArray, 'detections', 10)
+        for count, found in by_count.items():
+            msg = detections_msg(found, header)
+            assert len(msg.detections) == count
+            figures[f'publish Detection2DArray {count} detections'] = _p50_ms(
+                partial(publisher.publish, msg))
+            figures[f'publish detections_cdr bytes {count} detections'] = _p50_ms(
+                partial(publisher.publish, detections_cdr(found, header)))
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    detection_pb2_grpc.add_CloudDetectorServicer_to_server(_Instant(), server)
+    port = server.add_insecure_port('127.0.0.1:0')
+    server.start()
+    try:
+        with grpc.insecure_channel(f'127.0.0.1:{port}') as channel:
+            stub = detection_pb2_grpc.CloudDetectorStub(channel)
+            calls = []
+
+            def submit():
+                calls.append(stub.Detect.future(build_request(frame, 'cam_front', 1, 2),
+                                                timeout=10))
+            figures['gRPC Detect.future (calls in flight)'] = _p50_ms(submit, 100)
+            assert all(call.result() is not None for call in calls)
+            figures['gRPC Detect.future (channel idle)'] = _p50_ms(
+                lambda: stub.Detect.future(build_request(frame, 'cam_front', 1, 2),
+                                           timeout=10).result(), 100)
+    finally:
+        server.stop(None)
+    print('\nper-frame steps at 640x480, one thread, p50 (ms); "channel idle" includes the '
+          'round trip:')
+    for name, p50 in figures.items():
+        print(f'  {name:48s} {p50:7.3f}')
+
+
+class _Instant(detection_pb2_grpc.CloudDetectorServicer):
+    """A cloud detector that answers at once with nothing: only the client's cost remains."""
+
+    def Detect(self, request, context):  # noqa: N802 (the gRPC method's name)
+        return detection_pb2.DetectResponse()
