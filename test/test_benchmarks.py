@@ -13,9 +13,6 @@ from ros_harness import running, wait_until
 from sensor_msgs.msg import CompressedImage, Image
 import simplejpeg
 from speculation_rig import camera_command, cloud_server, detector, free_port, observer
-from std_msgs.msg import Header
-from vision_msgs.msg import Detection2DArray
-
 from speculative_av.cloud import detection_pb2, detection_pb2_grpc
 from speculative_av.cloud.codec import build_request, encode_frame
 from speculative_av.cloud.oip_codec import build_infer_request
@@ -29,7 +26,9 @@ from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_ms
 from speculative_av.ros.messages import detections_msg
 from speculative_av.ros.spinning import background_node
 from speculative_av.scenes.generator import generate_scene
+from std_msgs.msg import Header
 import torch
+from vision_msgs.msg import Detection2DArray
 
 pytestmark = pytest.mark.benchmark
 

@@ -608,3 +608,46 @@ def test_an_unknown_uplink_setting_is_refused():
         EngineSettings(uplink='psychic')
     with pytest.raises(ValueError):
         EngineSettings(jpeg_quality=0)
+
+
+# Sending on the sender thread ---------------------------------------------------------------
+
+def _concurrent_rig() -> tuple[SpeculativeEngine[np.ndarray, str], RecordingSink,
+                               ScriptedEndpoint]:
+    clock = ManualClock()
+    sink = RecordingSink(clock)
+    endpoint = ScriptedEndpoint('cloud')
+    engine: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+        ScriptedDetector(clock, 20.0), identity, sink,
+        cloud=CloudDispatcher([endpoint], {'cloud': 10}), clock=clock,
+        settings=EngineSettings(DeadlinePolicy.from_ms(100.0)), concurrent_send=True)
+    return engine, sink, endpoint
+
+
+def test_with_a_sender_thread_the_frame_is_sent_before_process_returns_and_the_cloud_wins():
+    engine, sink, endpoint = _concurrent_rig()
+    engine.submit('front', LARGE_IMAGE, 1_000 * MS, 'f', 'front')
+    engine.process(timeout_s=0)
+    (call,) = endpoint.calls  # the send was waited for: no frame's send outlives its turn
+    assert call.frame.width == 640 and sink.fused_results == []
+    call.reply(CLOUD_RESULT)
+    assert sink.decisions[0].winner == 'cloud'
+    assert engine.snapshot()['node_overhead_ms_p50'] > 0
+    engine.stop()
+    assert engine._sender is None
+
+
+def test_with_a_sender_thread_a_failing_submit_fails_only_the_cloud_source():
+    engine, sink, endpoint = _concurrent_rig()
+
+    def broken(*args: object) -> ScriptedCall:
+        raise ConnectionError('socket closed')
+
+    endpoint.submit = broken  # type: ignore[method-assign]
+    engine.submit('front', IMAGE, 1_000 * MS, 'f', 'front')
+    engine.process(timeout_s=0)
+    (_, decision, released_ns), = sink.fused_results
+    assert decision.winner == 'local' and released_ns == 1_020 * MS  # not held to the deadline
+    (_, record), = sink.settled_frames
+    assert 'socket closed' in record.attempts['cloud'].error
+    engine.stop()

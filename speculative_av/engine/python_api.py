@@ -101,7 +101,7 @@ class SpeculativeDetection:
                               settings=EngineSettings(DeadlinePolicy.from_ms(deadline_ms),
                                                       jpeg_quality=jpeg_quality,
                                                       max_image_side=max_image_side),
-                              logger=_LOG, on_fatal=self._engine_died)
+                              logger=_LOG, on_fatal=self._engine_died, concurrent_send=True)
         self.engine.start()
 
     def _health_changed(self, endpoint: str, old: str, new: str, error: str) -> None:

@@ -280,7 +280,7 @@ class SpeculativeDetector(LifecycleNode):
             detector, _to_rgb, self, cloud=self._dispatcher, uplink=uplink, settings=settings,
             clock=self._now_ns, stamp_backstep_tolerance_ns=tolerance_ns,
             logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger(),
-            history=self.engine)
+            history=self.engine, concurrent_send=True)
         self.get_logger().info(
             f'local detector {detector.model_name} ({detector.model_version}) on '
             f'{detector.device}; cloud: '
