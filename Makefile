@@ -23,8 +23,10 @@ launch-check: env
 	    { echo 'launch_ros is not importable: set LAUNCH_PYTHONPATH (README)' >&2; exit 1; }
 	PYTHONPATH=$(LAUNCH_PATH) $(PY) -m pytest -rs test/test_launch.py $(PYTEST_ARGS)
 
+# The README "Benchmarks" tables: test/test_benchmarks.py, ~16 min; writes $(BENCHMARK_JSON)
+# (default out/benchmark.json). PYTEST_ARGS picks other benchmarks instead (e.g. the soak).
 benchmark: env
-	$(PY) -m pytest -m benchmark -s $(PYTEST_ARGS)
+	$(PY) -m pytest -m benchmark -s $(or $(PYTEST_ARGS),test/test_benchmarks.py)
 
 demo: env
 	$(PY) -m speculative_av.tools.demo $(DEMO_ARGS)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
@@ -287,9 +287,9 @@ class StallWitness:
 
     WINDOW_NS = 100_000_000
 
-    def __init__(self, observed: StampObserver) -> None:
-        """Index the images by the time they were received."""
-        pairs = sorted((received, received - stamp) for stamp, received in observed.images)
+    def __init__(self, images: Iterable[tuple[int, int]]) -> None:
+        """Index camera images, given as (stamp, received) in ns, by when they were received."""
+        pairs = sorted((received, received - stamp) for stamp, received in images)
         self._received = [received for received, _ in pairs]
         self._delays = [delay for _, delay in pairs]
 
@@ -332,7 +332,7 @@ def check_fused_in_time(observed: StampObserver, deadline_ms: float) -> Timing:
     assert not missing, f'{len(missing)} decided frames have no fused result: {missing[:5]}'
     unexplained = sorted(set(fused) - set(decisions))
     assert not unexplained, f'fused results without a decision: {unexplained[:5]}'
-    witness = StallWitness(observed)
+    witness = StallWitness(observed.images)
     after, late, problems, stalled = [], 0, [], 0
     for stamp, received in fused.items():
         deadline = stamp + round(deadline_ms * 1e6)
