@@ -14,6 +14,7 @@ import time
 from typing import Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from fault_rig import decision_stamp_ns
 import numpy as np
 import rclpy
 from ros_harness import frozen_heap
@@ -48,7 +49,7 @@ class Receiver:
 
     node: rclpy.node.Node
     fused: list[Arrival] = field(default_factory=list)
-    winners: dict[int, str] = field(default_factory=dict)  # by stamp in ms (see winner)
+    winners: dict[int, str] = field(default_factory=dict)  # by stamp (ns)
     diagnostics: list[dict[str, dict[str, str]]] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -69,7 +70,7 @@ class Receiver:
     def _on_decision(self, msg: DiagnosticStatus) -> None:
         values = {kv.key: kv.value for kv in msg.values}
         with self._changed:
-            self.winners[round(stamp_ns(values['stamp']) / 1e6)] = values['winner']
+            self.winners[decision_stamp_ns(values)] = values['winner']
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         entry = {s.name.split(': ')[-1]: {kv.key: kv.value for kv in s.values}
@@ -120,15 +121,9 @@ class Receiver:
                   timeout, f'{source} {"" if serving else "not "}SERVING')
 
     def winner(self, arrival: Arrival) -> str:
-        """
-        Return the winner the node's decision names for ``arrival``'s frame.
-
-        Decisions carry the stamp as a float's text, a few hundred ns off: matched to the ms.
-        """
-        key = round(arrival.stamp_ns / 1e6)
+        """Return the winner the node's decision names for ``arrival``'s frame."""
         with self._changed:
-            return next((self.winners[k] for k in (key, key - 1, key + 1) if k in self.winners),
-                        'unknown')
+            return self.winners.get(arrival.stamp_ns, 'unknown')
 
     def arrivals_since(self, stamp_ns: int) -> list[Arrival]:
         """Return the fused results of frames stamped at or after ``stamp_ns``."""
@@ -147,12 +142,6 @@ def receiver(name: str = 'benchmark_receiver') -> Iterator[Receiver]:
     """Spin a :class:`Receiver` in a background thread for the block's duration."""
     with frozen_heap(), background_node(name) as node:
         yield Receiver(node)
-
-
-def stamp_ns(text: str) -> int:
-    """Return the nanoseconds of a decision's ``stamp`` ('sec.nanosec'), exactly."""
-    seconds, _, fraction = text.partition('.')
-    return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, '0')[:9])
 
 
 def now_ns(node: rclpy.node.Node) -> int:

@@ -122,21 +122,14 @@ def observer(name: str = 'fault_observer') -> Iterator[StampObserver]:
 
 
 def decision_stamp_ns(decision: dict[str, str]) -> int:
-    """Return a decision's ``stamp`` in ns (to ~1 us: the node formats a float of seconds)."""
+    """Return a decision's ``stamp`` ('sec.nanosec', exact decimal seconds) in ns."""
     seconds, _, fraction = decision['stamp'].partition('.')
     return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, '0')[:9])
 
 
 def by_decision(observed: StampObserver) -> dict[int, dict[str, str]]:
-    """Return the decisions keyed by the exact stamp (ns) of the image they decided."""
-    stamps = {round(stamp / 1000): stamp for stamp, _ in observed.fused}
-    keyed = {}
-    for decision, _ in observed.decisions:
-        approx_us = round(decision_stamp_ns(decision) / 1000)
-        exact = next((stamps[us] for us in (approx_us, approx_us - 1, approx_us + 1)
-                      if us in stamps), decision_stamp_ns(decision))
-        keyed[exact] = decision
-    return keyed
+    """Return the decisions keyed by the stamp (ns) of the image they decided."""
+    return {decision_stamp_ns(decision): decision for decision, _ in observed.decisions}
 
 
 def _read_line(stream: object, timeout: float, what: str) -> str:

@@ -2,7 +2,7 @@
 import signal
 import time
 
-from fault_rig import StallWitness
+from fault_rig import decision_stamp_ns, StallWitness
 import numpy as np
 import pytest
 from rclpy.qos import DurabilityPolicy, QoSProfile
@@ -60,24 +60,17 @@ def _check_fused_is_the_winners_result_once_per_decided_frame(observed: Observer
     """
     fused = {_stamp_ns(m): m for m, _ in observed.fused}
     assert len(fused) == len(observed.fused), 'a frame was published twice'
-
-    def fused_stamp(decision: dict[str, str]) -> int | None:
-        """Return the fused stamp of a decision (its stamp is a float string: ~1 us off)."""
-        approx_ns = float(decision['stamp']) * 1e9
-        near = min(fused, key=lambda s: abs(s - approx_ns))
-        return near if abs(near - approx_ns) < 1e6 else None
-
-    first = max(min(fused), min(float(d['stamp']) * 1e9 for d, _ in observed.decisions) - 1e6)
-    compared = [(d, fused_stamp(d)) for d, _ in observed.decisions
-                if float(d['stamp']) * 1e9 >= first - 1e6]
+    decided = {decision_stamp_ns(d): d for d, _ in observed.decisions}
+    first = max(min(fused), min(decided))
+    compared = sorted(s for s in decided if s >= first)
     assert len(compared) >= 3, 'too few frames to compare'
-    missing = [d['stamp'] for d, stamp in compared if stamp is None]
+    missing = [s for s in compared if s not in fused]
     assert not missing, f'decided frames without a fused result: {missing}'
     by_source = {'local': {_stamp_ns(m): m for m, _ in observed.local},
                  'cloud': {_stamp_ns(m): m for m, _ in observed.cloud}}
     same_as_winner = 0
-    for decision, stamp in compared:
-        assert stamp is not None
+    for stamp in compared:
+        decision = decided[stamp]
         assert len(fused[stamp].detections) == int(decision['detections'])
         winner = by_source.get(decision['winner'], {}).get(stamp)
         if winner is not None:  # its topic may have been matched a frame later

@@ -71,6 +71,12 @@ def _ms(value: float | None) -> str:
     return '' if value is None else f'{value:.3f}'
 
 
+def _seconds(ns: int) -> str:
+    """Return ``ns`` as exact decimal seconds (a float would be some 100 ns off)."""
+    sec, nanosec = divmod(ns, 1_000_000_000)
+    return f'{sec}.{nanosec:09d}' if sec >= 0 else f'-{_seconds(-ns)}'
+
+
 def decision_status(record: FrameRecord, frame_id: str, deadline_budget_ms: float,
                     cloud_sources: Sequence[str]) -> DiagnosticStatus:
     """Return one frame's arbitration outcome: who won, who arrived when, whether it was late."""
@@ -79,7 +85,7 @@ def decision_status(record: FrameRecord, frame_id: str, deadline_budget_ms: floa
     kind = 'none' if winner is None else ('local' if winner == LOCAL_SOURCE else 'cloud')
     cloud_latencies = [lat for s in cloud_sources if (lat := record.latency_ms(s)) is not None]
     values = {
-        'stamp': f'{decision.stamp_ns / 1e9:.9f}',
+        'stamp': _seconds(decision.stamp_ns),
         'winner': kind,
         'winner_source': winner or '',
         'local_latency_ms': _ms(record.latency_ms(LOCAL_SOURCE)),
