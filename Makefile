@@ -31,7 +31,9 @@ benchmark: env
 demo: env
 	$(PY) -m speculative_av.tools.demo $(DEMO_ARGS)
 
-# The README's evaluation table: a held-out drive (seed 11), both trained models, two networks.
+# The README's evaluation tables: a held-out drive (seed 11), both trained models, three
+# networks, the fixed and the adaptive uplink side by side.
+EVALUATE_ARGS ?= --profiles good-lte poor-lte lte-drive --uplink fixed adaptive
 evaluation: env
 	test -d out/eval_recording || \
 	    $(PY) -m speculative_av.tools.make_recording out/eval_recording --frames 200 --seed 11

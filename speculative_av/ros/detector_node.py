@@ -38,6 +38,7 @@ from rclpy.qos import DurabilityPolicy, qos_profile_sensor_data, QoSProfile
 from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import Subscription
 from rclpy.time import Time
+from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image
 from speculative_av.cloud.dispatch import CloudDispatcher
 from speculative_av.cloud.endpoint import Endpoint, SERVING
@@ -217,6 +218,7 @@ class SpeculativeDetector(LifecycleNode):
         self._dispatcher: CloudDispatcher | None = None
         self._cameras: dict[str, _Camera] = {}
         self._detector: TorchvisionDetector | None = None
+        self._diagnostics_timer: Timer | None = None
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -383,6 +385,11 @@ class SpeculativeDetector(LifecycleNode):
             self._jump_handle = None
         for camera in self._cameras.values():
             for publisher in (camera.fused, camera.local, camera.cloud, camera.debug):
+                self.destroy_lifecycle_publisher(publisher)
+        if self._diagnostics_timer is not None:  # configure creates them all again
+            self.destroy_timer(self._diagnostics_timer)
+            self._diagnostics_timer = None
+            for publisher in (self._label_info, self._decisions, self._diagnostics):
                 self.destroy_lifecycle_publisher(publisher)
         self._cameras, self._detector = {}, None
 
