@@ -161,6 +161,10 @@ class SpeculativeDetector(LifecycleNode):
                 "What runs the local model: 'torch' (eager PyTorch) or 'onnxruntime' (the "
                 'model exported to ONNX once, cached under ~/.cache/speculative_av/onnx, run by '
                 'ONNX Runtime: CPU here, CUDA/TensorRT on a GPU device).', read_only=True)
+        declare(self, 'local.batch_cameras', True,
+                'Frames of several cameras waiting together go through the local detector in '
+                'one forward pass (torch backend; onnxruntime runs them one by one).',
+                read_only=True)
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
                 "Cloud detectors as '[name=]host:port[@priority]' (native protocol) or "
@@ -282,7 +286,8 @@ class SpeculativeDetector(LifecycleNode):
             detector, _to_rgb, self, cloud=self._dispatcher, uplink=uplink, settings=settings,
             clock=self._now_ns, stamp_backstep_tolerance_ns=tolerance_ns,
             logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger(),
-            history=self.engine, concurrent_send=True)
+            history=self.engine, concurrent_send=True,
+            batch_cameras=self.get_parameter('local.batch_cameras').value)
         self.get_logger().info(
             f'local detector {detector.model_name} ({detector.model_version}) on '
             f'{detector.device}; cloud: '
