@@ -19,10 +19,10 @@ from ros_harness import wait_until
 from speculative_av.cloud.codec import decode_rgb, EncodedFrame
 from speculative_av.cloud.dispatch import CloudDispatcher
 from speculative_av.cloud.reply import CloudReply
-from speculative_av.core.arbiter import Decision, FrameRecord
+from speculative_av.core.arbiter import Decision, FrameRecord, SourceState
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
-from speculative_av.core.uplink import AdaptiveUplink
+from speculative_av.core.uplink import AdaptiveUplink, Encoding
 from speculative_av.engine.engine import EngineSettings, Frame, SpeculativeEngine
 
 MS = 1_000_000
@@ -58,12 +58,20 @@ class ScriptedDetector:
         self.inference_ms = inference_ms
         self.result = result
         self.batches: list[int] = []
+        self.calls: list[str] = []  # 'detect' or 'batch'
+        self.images: list[np.ndarray] = []
         self.fail_next = False
 
     def detect(self, rgb: np.ndarray) -> Detections:
-        return self.detect_batch([rgb])[0]
+        self.calls.append('detect')
+        return self._run([rgb])[0]
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        self.calls.append('batch')
+        return self._run(images)
+
+    def _run(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        self.images += images
         self.batches.append(len(images))
         self.clock.advance_ms(self.inference_ms)
         if self.fail_next:
@@ -82,8 +90,10 @@ class ScriptedCall:
     timeout_s: float
     deadline_unix_ns: int
     on_done: Callable[[CloudReply], None]
+    stamp_ns: int = 0
     finished: bool = False
     cancelled: bool = False
+    resolves_on_cancel: bool = True  # a real call reports CANCELLED; a stuck one may not
 
     def reply(self, detections: Detections) -> None:
         self._finish(CloudReply(self.endpoint.name, True, detections, frame_id=self.frame_id,
@@ -98,7 +108,7 @@ class ScriptedCall:
 
     def cancel(self) -> bool:
         self.cancelled = True
-        if not self.finished:
+        if not self.finished and self.resolves_on_cancel:
             self.fail('CANCELLED')
         return True
 
@@ -114,11 +124,13 @@ class ScriptedEndpoint:
     def __init__(self, name: str, healthy: bool = True) -> None:
         self.name = name
         self.healthy = healthy
+        self.resolves_on_cancel = True
         self.calls: list[ScriptedCall] = []
 
     def submit(self, frame: EncodedFrame, frame_id: str, stamp_ns: int, timeout_s: float,
                deadline_unix_ns: int, on_done: Callable[[CloudReply], None]) -> ScriptedCall:
-        call = ScriptedCall(self, frame, frame_id, timeout_s, deadline_unix_ns, on_done)
+        call = ScriptedCall(self, frame, frame_id, timeout_s, deadline_unix_ns, on_done, stamp_ns,
+                            resolves_on_cancel=self.resolves_on_cancel)
         self.calls.append(call)
         return call
 
@@ -135,14 +147,23 @@ class RecordingSink:
         self.settled_frames: list[tuple[Frame[str], FrameRecord]] = []
         self.fused_event = threading.Event()
         self.failing_outputs = 0  # raise on this many fused outputs (a broken publisher)
+        self.failing_cloud_outputs = 0
+        self.failing_accounts = 0
+        self.publish_ms = 0.0  # what handing out a local result costs, on the manual clock
+        self.asked_for_images: list[str] = []
 
     def wants_image(self, camera: str) -> bool:
+        self.asked_for_images.append(camera)
         return self.keep_images
 
     def local(self, frame: Frame[str], detections: Detections) -> None:
+        self.clock.advance_ms(self.publish_ms)
         self.local_results.append((frame.stamp_ns, detections))
 
     def cloud(self, frame: Frame[str], endpoint: str, detections: Detections) -> None:
+        if self.failing_cloud_outputs:
+            self.failing_cloud_outputs -= 1
+            raise RuntimeError('cloud publisher gone')
         self.cloud_results.append((frame.stamp_ns, endpoint, detections))
 
     def fused(self, frame: Frame[str], decision: Decision) -> None:
@@ -154,11 +175,33 @@ class RecordingSink:
         self.fused_event.set()
 
     def settled(self, frame: Frame[str], record: FrameRecord) -> None:
+        if self.failing_accounts:
+            self.failing_accounts -= 1
+            raise RuntimeError('decisions publisher gone')
         self.settled_frames.append((frame, record))
 
     @property
     def decisions(self) -> list[Decision]:
         return [decision for _, decision, _ in self.fused_results]
+
+
+class RecordingLogger:
+    """Collects what the engine logs, as (level, text)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(('info', message))
+
+    def warning(self, message: str) -> None:
+        self.lines.append(('warning', message))
+
+    def error(self, message: str) -> None:
+        self.lines.append(('error', message))
+
+    def texts(self, level: str) -> list[str]:
+        return [text for lvl, text in self.lines if lvl == level]
 
 
 def identity(rgb: np.ndarray) -> np.ndarray:
@@ -172,12 +215,14 @@ class Rig:
     """An engine over a manual clock, a scripted detector and scripted endpoints."""
 
     def __init__(self, endpoints: dict[str, int] | None = None, *, deadline_ms: float = 100.0,
-                 reference: str = 'stamp', inference_ms: float = 20.0, **settings: object
+                 reference: str = 'stamp', inference_ms: float = 20.0,
+                 engine_options: dict[str, object] | None = None, **settings: object
                  ) -> None:
         self.clock = ManualClock()
         self.detector = ScriptedDetector(self.clock, inference_ms)
         self.endpoints = {name: ScriptedEndpoint(name) for name in (endpoints or {})}
         self.sink = RecordingSink(self.clock)
+        self.log = RecordingLogger()
         dispatcher = (CloudDispatcher(list(self.endpoints.values()), dict(endpoints),
                                       clock=lambda: self.clock() / 1e9)
                       if endpoints else None)
@@ -185,7 +230,9 @@ class Rig:
             self.detector, identity, self.sink, cloud=dispatcher,
             settings=EngineSettings(DeadlinePolicy.from_ms(deadline_ms, reference),
                                     **settings),  # type: ignore[arg-type]
-            clock=self.clock, wall_clock=lambda: 1_700_000_000 * 10**9 + self.clock())
+            clock=self.clock, wall_clock=lambda: 1_700_000_000 * 10**9 + self.clock(),
+            timer=lambda: self.clock() / 1e9, logger=self.log,
+            **(engine_options or {}))  # type: ignore[arg-type]
 
     def frame(self, camera: str = 'front', stamp_ns: int | None = None,
               image: object = IMAGE) -> int:
@@ -651,3 +698,345 @@ def test_with_a_sender_thread_a_failing_submit_fails_only_the_cloud_source():
     (_, record), = sink.settled_frames
     assert 'socket closed' in record.attempts['cloud'].error
     engine.stop()
+
+
+# What the engine logs and counts ------------------------------------------------------------
+
+def test_a_malformed_frame_is_logged_with_its_camera_and_repeats_are_throttled():
+    rig = Rig()
+    rig.frame(camera='', image=None)
+    rig.frame(camera='front', image=None)
+    assert rig.log.texts('error') == [
+        "dropping image of camera 'image': not an RGB image: NoneType"]
+    assert rig.engine.counters['invalid_images'] == 2
+
+
+def test_stale_frames_and_clock_resets_are_counted_and_a_reset_is_logged():
+    rig = Rig()
+    stamp = rig.frame(camera='front')
+    rig.frame(camera='front', stamp_ns=stamp - 1_000_000_000)  # within the default 1 s: stale
+    rig.frame(camera='front', stamp_ns=stamp - 1_000_000_000)
+    assert rig.engine.counters['stale_frames'] == 2
+    rig.frame(camera='front', stamp_ns=stamp - 1_000_000_001)  # beyond it: the clock reset
+    rig.frame(camera='', stamp_ns=5_000_000_000)
+    rig.frame(camera='', stamp_ns=2_000_000_000)
+    assert rig.engine.counters['clock_resets'] == 2
+    assert rig.log.texts('warning') == [
+        f'camera front: stamp stepped back to {(stamp - 1_000_000_001) / 1e9:.3f} s; its frame '
+        'ordering restarts',
+        'camera image: stamp stepped back to 2.000 s; its frame ordering restarts']
+    assert len(rig.sink.fused_results) == 4
+
+
+def test_a_zero_stamp_tolerance_makes_any_step_back_a_reset():
+    rig = Rig(engine_options={'stamp_backstep_tolerance_ns': 0})
+    stamp = rig.frame()
+    rig.frame(stamp_ns=stamp - 1)
+    assert rig.engine.counters['clock_resets'] == 1 and rig.engine.counters['stale_frames'] == 0
+
+
+def test_a_failing_inference_is_logged_and_its_frame_is_abandoned_with_the_error():
+    rig = Rig({'cloud': 10})
+    rig.endpoints['cloud'].resolves_on_cancel = False
+    rig.detector.fail_next = True
+    stamp = rig.frame()
+    error = "RuntimeError('CUDA error: an illegal memory access was encountered')"
+    assert rig.log.texts('error') == [f"frame {stamp / 1e9:.3f} of 'front_optical' failed: "
+                                      f'{error}']
+    rig.call('cloud').fail('CANCELLED')
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['local'].error == error
+
+
+def test_outputs_that_raise_are_logged_and_every_frame_still_settles():
+    rig = Rig({'cloud': 10})
+    rig.sink.failing_outputs = 1
+    rig.sink.failing_accounts = 1
+    rig.frame()
+    rig.call('cloud').reply(CLOUD_RESULT)
+    rig.clock.advance_ms(10.0)
+    rig.frame()
+    rig.call('cloud').reply(CLOUD_RESULT)
+    assert rig.log.texts('error') == [
+        "publishing a fused result failed: RuntimeError('publisher gone')"]
+    assert rig.engine.counters['frame_errors'] == 2
+    assert rig.engine.counters['frames_processed'] == 2
+    assert len(rig.sink.settled_frames) == 1  # the first account raised; the second went out
+    assert rig.engine.snapshot()['open_frames'] == 0
+
+
+def test_a_cloud_output_that_raises_fails_that_source_with_the_error():
+    rig = Rig({'cloud': 10})
+    rig.sink.failing_cloud_outputs = 1
+    rig.frame()
+    rig.call('cloud').reply(CLOUD_RESULT)
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local'
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error == "RuntimeError('cloud publisher gone')"
+    assert rig.log.texts('error') == [
+        "handling the reply of cloud failed: RuntimeError('cloud publisher gone')"]
+
+
+def test_a_frame_that_cannot_be_encoded_fails_its_cloud_sources_and_local_still_runs():
+    rig = Rig({'cloud': 10})
+    rig.frame(image=np.zeros((48, 64, 3), np.float32))  # to_rgb lets it through; encoding won't
+    (_, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local' and rig.endpoints['cloud'].calls == []
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error.startswith("ValueError('expected an (H, W, 3) uint8")
+    assert rig.log.texts('error')[0].startswith('sending a frame to the cloud failed: ValueError(')
+
+
+def test_a_reply_the_uplink_refuses_to_learn_from_still_wins():
+    rig = Rig({'cloud': 10})
+    rig.frame()
+    call = rig.call('cloud')
+    call._finish(CloudReply('cloud', True, CLOUD_RESULT, round_trip_ms=float('nan')))
+    assert rig.sink.decisions[0].winner == 'cloud'
+    assert rig.log.texts('error')[0].startswith('learning from the reply of cloud failed: '
+                                                'ValueError(')
+    assert rig.engine.counters['frame_errors'] == 1
+
+
+def test_a_cancelled_call_is_recorded_as_cancelled_not_failed():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    stamp = rig.frame()
+    rig.at_ms(100.0, stamp)
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].state is SourceState.CANCELLED
+
+
+def test_stop_abandons_a_frame_whose_call_does_not_end_with_the_reason():
+    rig = Rig({'cloud': 10}, deadline_ms=10_000.0)
+    rig.endpoints['cloud'].resolves_on_cancel = False
+    rig.frame()
+    rig.engine.stop('node deactivated')
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error == 'node deactivated'
+    assert rig.sink.decisions[0].winner == 'local'
+
+
+# What is sent, and to whom ------------------------------------------------------------------
+
+def test_the_call_carries_the_frame_id_and_stamp_and_the_sink_the_frame_context():
+    rig = Rig({'cloud': 10})
+    stamp = rig.frame(camera='left')
+    call = rig.call('cloud')
+    assert (call.frame_id, call.stamp_ns) == ('left_optical', stamp)
+    call.reply(CLOUD_RESULT)
+    frame, _, _ = rig.sink.fused_results[0]
+    assert (frame.camera, frame.frame_id, frame.context) == ('left', 'left_optical', 'left')
+    assert rig.sink.asked_for_images == ['left']
+    assert rig.detector.images[0] is IMAGE
+
+
+def test_time_left_at_the_boundary_one_ns_is_sent_none_is_not():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, inference_ms=0.0)
+    rig.frame(stamp_ns=rig.clock() - 100 * MS + 1)  # one nanosecond left
+    assert rig.call('cloud').timeout_s == pytest.approx(1e-9)
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, inference_ms=0.0)
+    rig.frame(stamp_ns=rig.clock() - 100 * MS)  # the deadline is now: nothing left
+    assert rig.endpoints['cloud'].calls == []
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error == 'no time left'
+
+
+def test_the_adaptive_uplink_with_no_time_left_says_so():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0, uplink='adaptive')
+    rig.frame(stamp_ns=rig.clock() - 200 * MS)
+    (_, record), = rig.sink.settled_frames
+    assert record.attempts['cloud'].error == 'no time left'
+    assert rig.engine.counters['cloud_skipped_uplink'] == 1
+
+
+def test_a_skipped_frame_names_the_uplink_and_skips_accumulate():
+    rig = _slow_link_rig()
+    for _ in range(2):
+        rig.engine.uplink._last_send_s = rig.clock() / 1e9
+        rig.frame(image=LARGE_IMAGE)
+        rig.clock.advance_ms(10.0)
+    assert rig.engine.counters['cloud_skipped_uplink'] == 2
+    assert {r.attempts['cloud'].error for _, r in rig.sink.settled_frames} == {
+        'SKIPPED: the uplink would not deliver it in time'}
+
+
+class SpyUplink(AdaptiveUplink):
+    """An uplink that records what the engine tells it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[tuple] = []
+
+    def sent(self, encoding, width, height, nbytes, encode_s):  # type: ignore[no-untyped-def]
+        self.told.append(('sent', encoding, width, height, nbytes, encode_s))
+        super().sent(encoding, width, height, nbytes, encode_s)
+
+    def replied(self, endpoint, nbytes, round_trip_s, server_s):  # type: ignore[no-untyped-def]
+        self.told.append(('replied', endpoint, nbytes, round_trip_s, server_s))
+
+    def failed(self, endpoint, nbytes, waited_s, timed_out):  # type: ignore[no-untyped-def]
+        self.told.append(('failed', endpoint, nbytes, waited_s, timed_out))
+
+
+def test_the_uplink_is_told_each_encode_reply_and_failure_in_seconds():
+    rig = Rig({'cloud': 10})
+    spy = SpyUplink()
+    rig.engine.uplink = spy
+    rig.frame(image=LARGE_IMAGE)
+    call = rig.call('cloud')
+    nbytes = call.frame.nbytes
+    call._finish(CloudReply('cloud', True, CLOUD_RESULT, round_trip_ms=250.0,
+                            server_queue_ms=30.0, server_inference_ms=70.0))
+    for error, round_trip_ms in (('DEADLINE_EXCEEDED: Deadline Exceeded', 80.0),
+                                 ('UNAVAILABLE: reset', 40.0), ('UNAVAILABLE: at once', 0.0)):
+        rig.clock.advance_ms(200.0)
+        rig.frame(image=LARGE_IMAGE)
+        rig.call('cloud').fail_after(error, round_trip_ms)
+    kinds = [told for told in spy.told if told[0] != 'sent']
+    assert kinds == [('replied', 'cloud', nbytes, 0.25, pytest.approx(0.1)),
+                     ('failed', 'cloud', nbytes, pytest.approx(0.08), True),
+                     ('failed', 'cloud', nbytes, pytest.approx(0.04), False)]
+    _, encoding, width, height, sent_bytes, encode_s = spy.told[0]
+    assert (encoding, width, height, sent_bytes) == (Encoding(80, 0), 640, 480, nbytes)
+    assert encode_s == call.frame.encode_ms / 1e3
+
+
+# Local inference and accounts ---------------------------------------------------------------
+
+def test_one_camera_uses_detect_and_several_one_batch_counted_across_batches():
+    rig = Rig()
+    rig.frame(camera='front')
+    assert rig.detector.calls == ['detect']
+    for _ in range(2):
+        rig.clock.advance_ms(50.0)
+        for camera in ('front', 'left'):
+            rig.engine.submit(camera, IMAGE, rig.clock(), camera, camera)
+        rig.engine.process(timeout_s=0)
+    assert rig.detector.calls == ['detect', 'batch', 'batch']
+    assert rig.engine.counters['local_batched_frames'] == 4
+
+
+def test_process_with_nothing_waiting_returns_after_its_timeout():
+    rig = Rig()
+    assert rig.engine.process(timeout_s=0.01) == 0
+
+
+def test_overhead_is_the_time_besides_inference_shared_by_a_batch():
+    rig = Rig(inference_ms=20.0)
+    rig.sink.publish_ms = 1.5  # each local result costs 1.5 ms to hand out
+    for camera in ('front', 'left', 'right'):
+        rig.engine.submit(camera, IMAGE, rig.clock(), camera, camera)
+    rig.engine.process(timeout_s=0)
+    assert list(rig.engine.stats.overhead_ms) == [pytest.approx(1.5)] * 3
+
+
+def test_the_snapshot_reports_every_counter_and_figure():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.sink.publish_ms = 0.1234
+    rig.engine.uplink.replied('cloud', 30_000, 0.2, 0.05)
+    stamp = rig.frame()
+    rig.at_ms(100.0, stamp)
+    rig.frame(stamp_ns=stamp - 1)  # stale
+    rig.clock.advance_ms(5.0)
+    rig.frame()  # stays open
+    snapshot = rig.engine.snapshot()
+    estimates = rig.engine.uplink.snapshot()['cloud']
+    assert snapshot == {
+        'frames_received': 3, 'frames_processed': 2, 'invalid_images': 0, 'stale_frames': 1,
+        'frame_errors': 0, 'clock_resets': 0, 'cloud_skipped': 0, 'cloud_skipped_uplink': 0,
+        'cloud_frames_sent': 2, 'cloud_bytes_sent': sum(c.frame.nbytes for c in
+                                                        rig.endpoints['cloud'].calls),
+        'local_batched_frames': 0, 'dropped_frames': 0, 'late': 0, 'no_winner': 0,
+        'open_frames': 1, 'cloud_calls': 2, 'cloud_hedged': 0, 'cloud_hedges_denied': 0,
+        'node_overhead_ms_p50': 0.123, 'node_overhead_ms_p95': 0.123,
+        'node_overhead_ms_p99': 0.123,
+        'uplink_cloud_rtt_ms': round(estimates['rtt_ms'], 1),
+        'uplink_cloud_throughput_kbps': round(estimates['throughput_kbps'], 1),
+        'uplink_cloud_server_ms': round(estimates['server_ms'], 1)}
+    assert Rig().engine.snapshot()['node_overhead_ms_p50'] == 0  # nothing measured yet
+
+
+def test_a_new_engine_carries_on_the_counters_and_stats_of_the_one_it_replaces():
+    rig = Rig()
+    rig.frame()
+    successor: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+        rig.detector, identity, rig.sink, clock=rig.clock, history=rig.engine)
+    assert successor.counters['frames_processed'] == 1 and successor.stats.frames == 1
+    assert SpeculativeEngine(rig.detector, identity, rig.sink).counters['frames_processed'] == 0
+
+
+# Threads ------------------------------------------------------------------------------------
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.daemon or t.name.startswith('cloud')}
+
+
+def test_start_runs_named_daemon_threads_and_stop_ends_them():
+    engine, sink, endpoint = _concurrent_rig()
+    assert Rig().engine._sender is None  # sending on the worker unless asked otherwise
+    engine.start()
+    try:
+        assert {'detector', 'deadlines'} <= _threads()
+        assert all(t.daemon for t in threading.enumerate() if t.name in ('detector', 'deadlines'))
+        engine.submit('front', IMAGE, 1_000 * MS, 'f', 'front')
+        wait_until(lambda: len(endpoint.calls) == 1, 10.0, 'the frame sent')
+        assert any(name.startswith('cloud-sender') for name in _threads())
+    finally:
+        engine.stop()
+    assert not {'detector', 'deadlines'} & _threads()
+    assert not any(name.startswith('cloud-sender') for name in _threads())
+    engine.start()  # a stopped engine starts again (a lifecycle deactivate, then activate)
+    try:
+        engine.submit('front', IMAGE, 2_000 * MS, 'f', 'front')
+        wait_until(lambda: len(endpoint.calls) == 2, 10.0, 'the frame sent after restart')
+    finally:
+        engine.stop()
+
+
+def test_a_thread_that_dies_is_reported_with_its_name_and_traceback():
+    log = RecordingLogger()
+    reasons: list[str] = []
+    engine: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+        ScriptedDetector(ManualClock()), identity, RecordingSink(ManualClock()), logger=log,
+        on_fatal=reasons.append)
+    engine.start()
+
+    def broken(timeout: float | None = None) -> list:
+        raise MemoryError('std::bad_alloc')
+
+    engine.slots.take_all = broken  # type: ignore[method-assign,assignment]
+    engine.submit('front', IMAGE, 0, 'f', 'front')  # the waiting worker takes it, then dies
+    wait_until(lambda: reasons, 10.0, 'the worker to die')
+    engine.stop()
+    assert reasons == ["detector thread died: MemoryError('std::bad_alloc')"] == [engine.fatal]
+    assert len(log.texts('error')) == 1, log.lines
+    text = log.texts('error')[0]
+    assert text.startswith(reasons[0] + '\nTraceback') and 'std::bad_alloc' in text
+
+
+def test_a_deadline_tick_that_raises_is_logged_and_the_next_deadline_is_still_applied():
+    log = RecordingLogger()
+    sink = RecordingSink(ManualClock())
+    engine: SpeculativeEngine[np.ndarray, str] = SpeculativeEngine(
+        ScriptedDetector(ManualClock(), 0.0), identity, sink,
+        cloud=CloudDispatcher([ScriptedEndpoint('cloud')], {'cloud': 10}), logger=log,
+        settings=EngineSettings(DeadlinePolicy.from_ms(100.0, 'arrival')))
+    real_tick = engine._arbiter.tick
+    failures = {'left': 1}
+
+    def flaky(now_ns: int):  # type: ignore[no-untyped-def]
+        if failures['left']:
+            failures['left'] -= 1
+            raise RuntimeError('tick broke')
+        return real_tick(now_ns)
+
+    engine._arbiter.tick = flaky  # type: ignore[method-assign]
+    engine.start()
+    try:
+        engine.submit('front', IMAGE, 0, 'f', 'front')
+        wait_until(sink.fused_event.is_set, 10.0, 'the fused result after a failed tick')
+    finally:
+        engine.stop()
+    assert "applying deadlines failed: RuntimeError('tick broke')" in log.texts('error')
+    assert not engine.fatal

@@ -30,7 +30,8 @@ import numpy.typing as npt
 from speculative_av.cloud.codec import encode_frame, EncodedFrame
 from speculative_av.cloud.dispatch import Call, CloudDispatcher, Plan
 from speculative_av.cloud.reply import CloudReply
-from speculative_av.core.arbiter import Arbiter, Decision, FrameKey, FrameRecord, Outcome, Source
+from speculative_av.core.arbiter import (Arbiter, Decision, DEFAULT_STAMP_BACKSTEP_TOLERANCE_NS,
+                                         FrameKey, FrameRecord, Outcome, Source)
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
@@ -166,7 +167,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
                  settings: EngineSettings = EngineSettings(),
                  clock: Callable[[], int] = time.monotonic_ns,
                  wall_clock: Callable[[], int] = time.time_ns,
-                 stamp_backstep_tolerance_ns: int = 1_000_000_000,
+                 timer: Callable[[], float] = time.perf_counter,
+                 stamp_backstep_tolerance_ns: int = DEFAULT_STAMP_BACKSTEP_TOLERANCE_NS,
                  batch_cameras: bool = True, logger: Logger | None = None,
                  on_fatal: Callable[[str], None] | None = None,
                  history: SpeculativeEngine[Any, Any] | None = None,
@@ -176,7 +178,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
         ``to_rgb`` converts a received frame and raises ValueError for a malformed one.
         ``clock`` is the time deadlines and stamps are on (ns); ``wall_clock`` gives the Unix
-        time sent to the cloud as the request's deadline. ``uplink`` learns from every call
+        time sent to the cloud as the request's deadline; ``timer`` (s) measures the node's
+        overhead besides inference. ``uplink`` learns from every call
         (its estimates are in :meth:`snapshot`) and chooses encodings when the settings say
         ``uplink='adaptive'``; by default one on the monotonic clock. The counters and stats
         of ``history`` (the engine this one replaces, e.g. after a lifecycle cleanup and
@@ -193,6 +196,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self._settings = settings
         self._clock = clock
         self._wall_clock = wall_clock
+        self._timer = timer
         self._batch_cameras = batch_cameras
         self._concurrent_send = concurrent_send
         self._sender: ThreadPoolExecutor | None = None
@@ -341,7 +345,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
     def _start_race(self, camera: str,
                     waiting: _Waiting[Raw, Context]) -> _Started[Context] | None:
         """Convert the frame, open its race and send it to the cloud; None if it is dropped."""
-        began = time.perf_counter()
+        began = self._timer()
         try:
             rgb = self._to_rgb(waiting.raw)
         except ValueError as error:
@@ -448,14 +452,14 @@ class SpeculativeEngine(Generic[Raw, Context]):
                 if race.sending is not None:
                     race.sending.result()
         if inference_s is not None:
-            overhead_ms = ((time.perf_counter() - started[0].began_s - inference_s) * 1e3
+            overhead_ms = ((self._timer() - started[0].began_s - inference_s) * 1e3
                            / len(started))
             with self.lock:
                 self.stats.overhead_ms.extend([overhead_ms] * len(started))
 
     def _infer(self, started: list[_Started[Context]]) -> float | None:
         """Run the local detector and hand out its results; return its time (None: failed)."""
-        inference_began = time.perf_counter()
+        inference_began = self._timer()
         try:
             if len(started) > 1 and self._batch_cameras:
                 results = self.detector.detect_batch([s.rgb for s in started])
@@ -466,7 +470,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
             for race in started:
                 self._fail_frame(race, error)
             return None
-        inference_s = time.perf_counter() - inference_began
+        inference_s = self._timer() - inference_began
         for race, detections in zip(started, results):
             try:
                 self._sink.local(race.frame, detections)
