@@ -889,14 +889,17 @@ def test_the_uplink_is_told_each_encode_reply_and_failure_in_seconds():
     call._finish(CloudReply('cloud', True, CLOUD_RESULT, round_trip_ms=250.0,
                             server_queue_ms=30.0, server_inference_ms=70.0))
     for error, round_trip_ms in (('DEADLINE_EXCEEDED: Deadline Exceeded', 80.0),
-                                 ('UNAVAILABLE: reset', 40.0), ('UNAVAILABLE: at once', 0.0)):
+                                 ('UNAVAILABLE: reset', 40.0), ('UNAVAILABLE: at once', 0.0),
+                                 ('DEADLINE_EXCEEDED: predicted completion 900 ms from now is '
+                                  'after the deadline', 12.0)):
         rig.clock.advance_ms(200.0)
         rig.frame(image=LARGE_IMAGE)
         rig.call('cloud').fail_after(error, round_trip_ms)
     kinds = [told for told in spy.told if told[0] != 'sent']
     assert kinds == [('replied', 'cloud', nbytes, 0.25, pytest.approx(0.1)),
                      ('failed', 'cloud', nbytes, pytest.approx(0.08), True),
-                     ('failed', 'cloud', nbytes, pytest.approx(0.04), False)]
+                     ('failed', 'cloud', nbytes, pytest.approx(0.04), False),
+                     ('failed', 'cloud', nbytes, pytest.approx(0.012), False)]  # server busy
     _, encoding, width, height, sent_bytes, encode_s = spy.told[0]
     assert (encoding, width, height, sent_bytes) == (Encoding(80, 0), 640, 480, nbytes)
     assert encode_s == call.frame.encode_ms / 1e3

@@ -44,6 +44,10 @@ LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
 # under simulated time "now" only moves with the simulation.
 MAX_TIMER_S = 0.1
 ERROR_LOG_INTERVAL_S = 1.0
+# What gRPC reports when a call's own deadline passes. A server that refuses or drops a request
+# it cannot finish in time also answers DEADLINE_EXCEEDED, with its own details: that says the
+# server is busy, not that the link is slow, and the uplink must not learn it as a link timeout.
+CALL_TIMED_OUT = 'DEADLINE_EXCEEDED: Deadline Exceeded'
 
 Raw = TypeVar('Raw')  # a frame as the front end receives it (a ROS message, an array)
 Context = TypeVar('Context')  # what the front end keeps with a frame (a ROS header)
@@ -518,7 +522,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
                                     (reply.server_queue_ms + reply.server_inference_ms) / 1e3)
             elif reply.round_trip_ms > 0:
                 self.uplink.failed(reply.endpoint, nbytes, reply.round_trip_ms / 1e3,
-                                   timed_out=reply.error.startswith('DEADLINE_EXCEEDED'))
+                                   timed_out=reply.error == CALL_TIMED_OUT)
         except ValueError as error:  # a measurement the model refuses: the reply still counts
             self._frame_error(f'learning from the reply of {reply.endpoint}', error)
 

@@ -14,7 +14,8 @@ world around them is simulated, as discrete events on a virtual clock:
   detector on it (cached per frame and encoding: a fixed encoding repeats across runs) and
   answers after the network model's delay for the real request and response sizes plus the
   measured server time (decode + inference, divided by ``cloud_speedup``). A reply that would
-  come after the call's timeout, or never (an outage), fails DEADLINE_EXCEEDED at the timeout.
+  come after the call's timeout, or never (an outage), fails at the timeout, as gRPC reports a
+  call's own deadline.
 
 Encoding the frame takes no virtual time (about 2 ms of a 640x480 frame here).
 """
@@ -38,7 +39,8 @@ from speculative_av.cloud.reply import CloudReply
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.detections import Detections
 from speculative_av.core.uplink import AdaptiveUplink
-from speculative_av.engine.engine import EngineSettings, Frame, SpeculativeEngine
+from speculative_av.engine.engine import (CALL_TIMED_OUT, EngineSettings, Frame,
+                                          SpeculativeEngine)
 from speculative_av.netem.profiles import NetworkModel
 
 Image = npt.NDArray[np.uint8]
@@ -46,7 +48,6 @@ CAMERA = 'camera'
 ENDPOINT = 'cloud'
 CLOUD_PRIORITY = 10
 UNIX_EPOCH_OFFSET_NS = 1_700_000_000 * 10**9  # virtual wall clock: the request's Unix deadline
-DEADLINE_EXCEEDED = 'DEADLINE_EXCEEDED: Deadline Exceeded'  # what gRPC reports
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ class SimulatedEndpoint:
                 round_trip_ms=round_trip_s * 1e3)))
         else:
             self._events.schedule(record.timeout_ns, lambda: call.finish(CloudReply(
-                self._name, False, error=DEADLINE_EXCEEDED, frame_id=frame_id,
+                self._name, False, error=CALL_TIMED_OUT, frame_id=frame_id,
                 round_trip_ms=timeout_s * 1e3)))
         return call
 
