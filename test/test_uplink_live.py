@@ -265,7 +265,8 @@ def table(figures: dict[str, Any]) -> str:
              f"{figures['frames']} frames at {FPS:g} Hz, {figures['repeats']} run(s) each", '',
              '| network | uplink | cloud in time (per run) | fused mAP (per run) | local-only mAP '
              '| bytes per frame | per frame sent | frames sent / skipped by the uplink | '
-             'server: replied / refused as late |', '|---|---|---|---|---:|---:|---:|---:|---:|']
+             'server: replied / refused as late | server inference ms (per run) |',
+             '|---|---|---|---|---:|---:|---:|---:|---:|---|']
     for (network, uplink), rows in runs.items():
         def total(key: str) -> int:
             return sum(row[key] for row in rows)
@@ -282,7 +283,8 @@ def table(figures: dict[str, Any]) -> str:
             f"{np.mean([r['local_mAP'] for r in rows]):.3f} | {sent_bytes / decided / 1e3:.1f} kB "
             f"| {sent_bytes / max(1, total('cloud_frames_sent')) / 1e3:.1f} kB | "
             f"{total('cloud_frames_sent')} / {total('cloud_skipped_uplink')} | "
-            f"{served('ok')} / {served('late_rejected', 'expired')} |")
+            f"{served('ok')} / {served('late_rejected', 'expired')} | "
+            + ' / '.join(f"{row['server_inference_mean_ms']:.0f}" for row in rows) + ' |')
     return '\n'.join(lines)
 
 
