@@ -12,7 +12,8 @@ a fresh node (counters and link estimates from zero); the server is shared.
     make benchmark PYTEST_ARGS=test/test_uplink_live.py   # ~4 min; out/uplink_live.json
 
 No asserts on the figures (they are printed and written to $UPLINK_LIVE_JSON, default
-out/uplink_live.json); the asserts check that every frame is accounted for. BENCHMARK_SCALE
+out/uplink_live.json); the asserts check that every frame is accounted for.
+UPLINK_LIVE_REPEATS=3 runs every configuration three times (README: 11.6 min); BENCHMARK_SCALE
 shortens the drive for development.
 """
 from __future__ import annotations
