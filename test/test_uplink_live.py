@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import urllib.request
 
 from benchmark_report import machine, REPO
-from benchmark_rig import Receiver, scaled, stamp_ns
-from fault_rig import relay
+from benchmark_rig import Receiver, scaled
+from fault_rig import decision_stamp_ns, relay
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import numpy as np
@@ -88,7 +88,7 @@ class LiveReceiver(Receiver):
 
     detections: dict[str, dict[int, Detections]] = field(
         default_factory=lambda: {'fused': {}, 'local': {}})
-    decisions: dict[int, dict[str, str]] = field(default_factory=dict)  # by stamp in ms
+    decisions: dict[int, dict[str, str]] = field(default_factory=dict)  # by stamp (ns)
 
     def __post_init__(self) -> None:
         """Subscribe also to the local result."""
@@ -119,7 +119,7 @@ class LiveReceiver(Receiver):
         super()._on_decision(msg)
         values = {kv.key: kv.value for kv in msg.values}
         with self._changed:
-            self.decisions[round(stamp_ns(values['stamp']) / 1e6)] = values
+            self.decisions[decision_stamp_ns(values)] = values
             self._changed.notify_all()
 
 
@@ -227,8 +227,7 @@ def drive(recording: Path, receiver: LiveReceiver, frames: int) -> float:
 def score(frames: list[RecordedFrame], receiver: LiveReceiver,
           counters: dict[str, str]) -> dict[str, Any]:
     """Return one configuration's figures; a frame without a fused result has no detections."""
-    decided = [receiver.decisions[round(f.stamp_ns / 1e6)] for f in frames
-               if round(f.stamp_ns / 1e6) in receiver.decisions]
+    decided = [receiver.decisions[f.stamp_ns] for f in frames if f.stamp_ns in receiver.decisions]
     size = (frames[0].rgb.shape[1], frames[0].rgb.shape[0])
     truth = [f.truth for f in frames]
     maps = {kind: coco_map([store.get(f.stamp_ns, Detections.empty()) for f in frames], truth,
