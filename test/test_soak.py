@@ -88,7 +88,7 @@ def receive_lateness(observed: StampObserver) -> tuple[np.ndarray, list[str]]:
     decided: dict[int, list[tuple[int, str]]] = defaultdict(list)  # (received, late)
     for (stamp, late), (_, received) in zip(_decisions_by_stamp(observed), observed.decisions):
         decided[stamp].append((received, late))
-    witness = StallWitness(observed)
+    witness = StallWitness(observed.images)
     after, problems = [], []
     for stamp, received in observed.fused:
         arrived = _latest_before(images[stamp], received)
