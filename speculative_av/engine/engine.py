@@ -204,8 +204,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self._batch_cameras = batch_cameras
         self._concurrent_send = concurrent_send
         self._sender: ThreadPoolExecutor | None = None
-        if concurrent_send:
-            self._sender = ThreadPoolExecutor(1, thread_name_prefix='cloud-sender')
+        self._open_sender()
         self._log = logger
         self._on_fatal = on_fatal
         self._sources = {name: Source(name, priority)
@@ -252,14 +251,18 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
     def start(self) -> None:
         """Start the worker and the deadline thread (and the sender, if sending concurrently)."""
-        if self._concurrent_send and self._sender is None:
-            self._sender = ThreadPoolExecutor(1, thread_name_prefix='cloud-sender')
+        self._open_sender()
         self.slots = LatestFrameSlots()
         self._running = True
         self._threads = [self._supervised('detector', self._work),
                          self._supervised('deadlines', self._schedule)]
         for thread in self._threads:
             thread.start()
+
+    def _open_sender(self) -> None:
+        """Create the sender thread's pool when sending concurrently and none is open."""
+        if self._concurrent_send and self._sender is None:
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix='cloud-sender')
 
     def stop(self, reason: str = 'engine stopped') -> None:
         """Stop the threads and decide every open frame now with the results in hand."""
