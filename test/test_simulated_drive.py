@@ -220,3 +220,16 @@ def test_the_adaptive_uplink_on_a_slow_link_sends_fewer_bytes_all_counted():
         assert adaptive.frames[frame.stamp_ns].decision is not None
     total = sum(sent.values())
     assert total < sum(fixed.bytes_sent(f.stamp_ns) for f in drive_frames)
+
+
+def test_each_settled_frame_is_handed_on_once_after_all_its_sources_finished():
+    settled = []
+    drive_frames = frames(4)
+    result = simulate_drive(drive_frames, server(), NetworkModel(NetworkProfile('lan')),
+                            settings(100.0),
+                            on_settled=lambda frame, record: settled.append((frame, record)))
+    assert [frame.stamp_ns for frame, _ in settled] == [f.stamp_ns for f in drive_frames]
+    for frame, record in settled:
+        assert record.decision is result.frames[frame.stamp_ns].decision
+        assert {name: attempt.detections is not None
+                for name, attempt in record.attempts.items()} == {'local': True, 'cloud': True}

@@ -308,9 +308,11 @@ class FrameOutcome:
 class DriveSink:
     """Collects the engine's outputs per frame stamp; each output checked to come once."""
 
-    def __init__(self, clock: VirtualClock) -> None:
-        """Stamp cloud results with ``clock``."""
+    def __init__(self, clock: VirtualClock,
+                 on_settled: Callable[[Frame[None], FrameRecord], None] | None = None) -> None:
+        """Stamp cloud results with ``clock``; pass each settled frame on to ``on_settled``."""
         self._clock = clock
+        self._on_settled = on_settled
         self.frames: dict[int, FrameOutcome] = {}
 
     def wants_image(self, camera: str) -> bool:
@@ -334,8 +336,10 @@ class DriveSink:
         outcome.decision = decision
 
     def settled(self, frame: Frame[None], record: FrameRecord) -> None:
-        """Keep the frame's account."""
+        """Keep the frame's account (and hand it on, as the node hands it to its recorder)."""
         self._outcome(frame).record = record
+        if self._on_settled is not None:
+            self._on_settled(frame, record)
 
     def _outcome(self, frame: Frame[None]) -> FrameOutcome:
         outcome = self.frames.setdefault(frame.stamp_ns, FrameOutcome())
@@ -368,14 +372,17 @@ class DriveResult:
 
 def simulate_drive(frames: Sequence[DriveFrame], server: SimulatedServer,
                    network: NetworkModel, settings: EngineSettings, *,
-                   cloud_speedup: float = 1.0, max_outstanding: int = 4) -> DriveResult:
+                   cloud_speedup: float = 1.0, max_outstanding: int = 4,
+                   on_settled: Callable[[Frame[None], FrameRecord], None] | None = None
+                   ) -> DriveResult:
     """
     Run ``frames`` (in stamp order) through a :class:`SpeculativeEngine` in virtual time.
 
     The network model's time 0 is the first frame's stamp; use a fresh model per drive so
     that equal calls draw equal delays. ``settings.uplink`` chooses fixed or adaptive
     encoding; the adaptive uplink starts unlearned and runs on the virtual clock. Every frame
-    the engine processed is decided.
+    the engine processed is decided. ``on_settled`` sees each frame's account once all its
+    sources have finished, on the virtual clock (the trigger recorder's place on the vehicle).
     """
     if not frames:
         raise ValueError('a drive needs at least one frame')
@@ -385,7 +392,7 @@ def simulate_drive(frames: Sequence[DriveFrame], server: SimulatedServer,
     clock = VirtualClock(stamps[0])
     events = EventQueue(clock)
     endpoint = SimulatedEndpoint(ENDPOINT, server, network, events, stamps[0], cloud_speedup)
-    sink = DriveSink(clock)
+    sink = DriveSink(clock, on_settled)
     engine: SpeculativeEngine[DriveFrame, None] = SpeculativeEngine(
         SimulatedDetector(frames, events), lambda frame: frame.rgb, sink,
         cloud=CloudDispatcher([endpoint], {ENDPOINT: CLOUD_PRIORITY},
