@@ -1,4 +1,4 @@
-"""Triggers in the real node: triggered frames land on disk as snippets, counted on /diagnostics."""
+"""Triggers in the real node: triggered frames land on disk as snippets, on /diagnostics too."""
 import json
 
 from ros_harness import running, wait_until

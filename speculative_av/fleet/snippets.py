@@ -55,7 +55,7 @@ _CHUNK_OPCODE = 0x06
 
 @dataclass(frozen=True)
 class Snippet:
-    """One triggered frame: its image, both detectors' answers, the decision and why it was kept."""
+    """One triggered frame: its image, both answers, the decision and why it was kept."""
 
     camera: str
     stamp_ns: int
@@ -104,7 +104,7 @@ def write_snippet(path: Path, snippet: Snippet) -> None:
 
 def read_snippet(path: Path, max_bytes: int = MAX_SNIPPET_BYTES) -> Snippet:
     """
-    Read and validate a snippet file; raise ValueError for anything :func:`write_snippet` would not write.
+    Read and validate a snippet file; ValueError for anything :func:`write_snippet` never writes.
 
     Checked in order: the file's size, the MCAP records' layout (no compressed chunk, which could
     expand beyond any limit), the topics and their types, one message per topic, each message's
@@ -157,13 +157,13 @@ def _snippet_from(raw: dict[str, bytes], name: str) -> Snippet:
     """Deserialize the size-checked messages and check that they describe one frame."""
     store = typestore()
     try:
-        msgs = {topic: store.deserialize_cdr(data, TOPIC_TYPES[topic])
-                for topic, data in raw.items()}
+        msgs: dict[str, Any] = {topic: store.deserialize_cdr(data, TOPIC_TYPES[topic])
+                                for topic, data in raw.items()}
     except Exception as error:  # noqa: B902 (the deserializer raises many kinds for bad CDR)
         raise ValueError(f'{name}: a message does not deserialize: {error!r}') from None
     decision = _decision_values(msgs[DECISION_TOPIC], name)
     stamp_ns = _int(decision, 'stamp_ns', name)
-    image = msgs[IMAGE_TOPIC]
+    image: Any = msgs[IMAGE_TOPIC]
     for topic, msg in msgs.items():
         header = getattr(msg, 'header', None)
         if header is not None and (header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
@@ -292,7 +292,7 @@ def _categories(values: dict[str, str], name: str) -> tuple[str, ...]:
 
 
 def _detections(msg: Any, categories: tuple[str, ...], name: str) -> Detections:
-    """Return the boxes of a Detection2DArray, refusing labels off the map and non-finite numbers."""
+    """Return the boxes of a Detection2DArray; refuse labels off the map, non-finite numbers."""
     try:
         detections = detections_from_msg(msg)
     except ValueError as error:
@@ -384,7 +384,7 @@ class SnippetStore:
                     return
 
     def add(self, snippet: Snippet) -> SnippetEntry:
-        """Store ``snippet``, making room by dropping older ones; ValueError if it alone is too big."""
+        """Store ``snippet``, dropping older ones to make room; ValueError if it cannot fit."""
         slug = ''.join(c if c.isalnum() or c in '_-' else '-' for c in snippet.camera) or 'image'
         name = f'{snippet.stamp_ns:019d}-{slug[:64]}-{uuid.uuid4().hex[:8]}.mcap'
         path = self.directory / name

@@ -11,8 +11,8 @@ def declare_trigger_parameters(node: Node) -> None:
     """Declare ``triggers.*`` (all read-only: they take effect at configure)."""
     def param(name: str, default: bool | int | float | str | list[str], description: str,
               value_range: tuple[float, float] | None = None) -> None:
-        declare(node, f'triggers.{name}', default, description, read_only=True,
-                value_range=value_range)
+        declare(node, f'triggers.{name}', default,  # type: ignore[type-var]
+                description, read_only=True, value_range=value_range)
 
     param('enabled', False, 'Keep triggered frames as snippets (rosbag2 mcap files) on disk.')
     param('directory', '~/.cache/speculative_av/snippets',
@@ -28,7 +28,7 @@ def declare_trigger_parameters(node: Node) -> None:
           value_range=(0.01, 1.0))
     param('low_confidence', 0.0, 'Trigger on a local detection scoring in [this, min_score) '
           '(0 = off).', value_range=(0.0, 1.0))
-    param('classes_of_interest', [''], "Trigger when either detector finds one of these classes "
+    param('classes_of_interest', [''], 'Trigger when either detector finds one of these classes '
           "([''] = none).")
     param('deadline_miss', False, 'Trigger when the cloud was asked and had no answer by the '
           'deadline.')
