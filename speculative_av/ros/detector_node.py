@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import functools
 from functools import partial
 import gc
+from pathlib import Path
 import signal
 import sys
 import traceback
@@ -52,11 +53,15 @@ from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
                                           SpeculativeEngine)
+from speculative_av.fleet.recorder import TriggerRecorder
+from speculative_av.fleet.snippets import SnippetStore
+from speculative_av.fleet.triggers import TriggerSettings
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
                                          label_info_msg, source_status, summary_status)
 from speculative_av.ros.parameters import declare
+from speculative_av.ros.trigger_parameters import declare_trigger_parameters, trigger_status
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
@@ -212,6 +217,7 @@ class SpeculativeDetector(LifecycleNode):
         declare(self, 'cloud.token_file', '',
                 "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
                 "metadata over TLS ('' = no token).", read_only=True)
+        declare_trigger_parameters(self)
         self.settings = self._settings_from({})  # what frames starting now get
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: SpeculativeEngine[Image | CompressedImage, Header] | None = None
@@ -223,6 +229,7 @@ class SpeculativeDetector(LifecycleNode):
         self._cameras: dict[str, _Camera] = {}
         self._detector: TorchvisionDetector | None = None
         self._diagnostics_timer: Timer | None = None
+        self._recorder: TriggerRecorder | None = None
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -250,6 +257,7 @@ class SpeculativeDetector(LifecycleNode):
                 key_file=self.get_parameter('cloud.tls.key_file').value,
                 token_file=self.get_parameter('cloud.token_file').value,
                 server_name=self.get_parameter('cloud.tls.server_name').value)
+            self._recorder = self._trigger_recorder(self._detector.categories)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -310,6 +318,31 @@ class SpeculativeDetector(LifecycleNode):
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
         return TransitionCallbackReturn.SUCCESS
+
+    def _trigger_recorder(self, categories: list[str]) -> TriggerRecorder | None:
+        """Return the started recorder of triggered frames the triggers.* parameters ask for."""
+        def value(name: str) -> Any:
+            return self.get_parameter(f'triggers.{name}').value
+
+        if not value('enabled'):
+            return None
+        settings = TriggerSettings(
+            disagreement=value('disagreement'),
+            disagreement_classes=tuple(c for c in value('disagreement_classes') if c),
+            iou=value('iou'), min_score=value('min_score'),
+            low_confidence=value('low_confidence'),
+            classes_of_interest=tuple(c for c in value('classes_of_interest') if c),
+            deadline_miss=value('deadline_miss'), max_per_minute=value('max_per_minute'),
+            burst=value('burst'))
+        store = SnippetStore(Path(value('directory')).expanduser(),
+                             round(value('budget_mb') * 1024 * 1024))
+        recorder = TriggerRecorder(settings, store, categories, queue_size=value('queue_size'),
+                                   jpeg_quality=value('jpeg_quality'), logger=self.get_logger())
+        recorder.start()
+        self.get_logger().info(f'triggers on: snippets in {store.directory} '
+                               f'({store.bytes_on_disk / 1e6:.1f} of '
+                               f'{store.budget_bytes / 1e6:.0f} MB used)')
+        return recorder
 
     @_logged
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -373,6 +406,8 @@ class SpeculativeDetector(LifecycleNode):
                 self.get_logger().warning(f'{len(still_open)} frame(s) unresolved at shutdown:\n'
                                           + '\n'.join(still_open))
             self.engine.stop('node shutting down')
+        if self._recorder is not None:  # after the engine: its last settled frames still count
+            self._recorder.stop()
         if self._dispatcher is not None:
             self._dispatcher.stop()
             self._dispatcher = None
@@ -396,7 +431,7 @@ class SpeculativeDetector(LifecycleNode):
             self._diagnostics_timer = None
             for publisher in (self._label_info, self._decisions, self._diagnostics):
                 self.destroy_lifecycle_publisher(publisher)
-        self._cameras, self._detector = {}, None
+        self._cameras, self._detector, self._recorder = {}, None, None
 
     def _settings_from(self, changes: dict[str, Any]) -> EngineSettings:
         """Return the engine settings of the run-time parameters, with ``changes`` applied."""
@@ -432,8 +467,9 @@ class SpeculativeDetector(LifecycleNode):
                            msg.header.frame_id, msg.header)
 
     def wants_image(self, camera: str) -> bool:
-        """Keep a frame's image only while someone watches its camera's debug image."""
-        return self._cameras[camera].debug.get_subscription_count() > 0
+        """Keep a frame's image while triggers may keep it, or someone watches the debug image."""
+        return (self._recorder is not None
+                or self._cameras[camera].debug.get_subscription_count() > 0)
 
     def local(self, frame: Frame[Header], detections: Detections) -> None:
         """Publish the local result on detections/local."""
@@ -452,7 +488,8 @@ class SpeculativeDetector(LifecycleNode):
         camera = self._cameras[frame.camera]
         camera.fused.publish(frame.outputs.get(decision.winner or '')
                              or detections_msg(decision.detections, frame.context))
-        if frame.rgb is not None and self._detector is not None:
+        if (frame.rgb is not None and self._detector is not None
+                and camera.debug.get_subscription_count() > 0):
             canvas = draw_debug_image(frame.rgb, decision.detections, self._detector.categories,
                                       decision.winner, decision.late)
             camera.debug.publish(rgb_to_image_msg(canvas, frame.context))
@@ -462,6 +499,10 @@ class SpeculativeDetector(LifecycleNode):
         assert self.engine is not None
         self._decisions.publish(decision_status(record, frame.frame_id, frame.deadline_ms,
                                                 self.engine.sources[1:]))
+        if self._recorder is not None and self._detector is not None:
+            self._recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id, frame.rgb, record,
+                                 self.engine.sources[1:], f'{self._detector.model_name}:'
+                                 f'{self._detector.model_version}')
 
     # Supervision and diagnostics ---------------------------------------------------------
 
@@ -499,6 +540,8 @@ class SpeculativeDetector(LifecycleNode):
                                       self._health_changes.get(name, 0))
                         for name in engine.sources]
         statuses.append(summary_status(self.get_name(), counters, self.failed))
+        if self._recorder is not None:
+            statuses.append(trigger_status(self.get_name(), self._recorder))
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 

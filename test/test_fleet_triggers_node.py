@@ -1,0 +1,57 @@
+"""Triggers in the real node: triggered frames land on disk as snippets, on /diagnostics too."""
+import json
+
+from ros_harness import running, wait_until
+from speculation_rig import camera_command, cloud_server, detector, free_port, observer
+from speculative_av.core.image_decoding import decode_rgb
+from speculative_av.fleet.snippets import read_snippet
+from speculative_av.fleet.triggers import CLOUD_ONLY_OBJECT, LOCAL_ONLY_OBJECT
+from vision_msgs.msg import Detection2DArray
+
+
+def _stamp_ns(msg: Detection2DArray) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_path):
+    port = free_port()
+    store = tmp_path / 'snippets'
+    # Random weights answer ~300 low-scoring boxes per synthetic frame; the cloud gets a
+    # quality-30 jpeg, so its boxes differ from the local ones on every frame.
+    params = {'deadline_ms': 1000.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]',
+              'cloud.jpeg_quality': 30, 'triggers.enabled': True,
+              'triggers.directory': str(store), 'triggers.min_score': 0.05,
+              'triggers.max_per_minute': 6.0, 'triggers.burst': 2}
+    with observer() as observed, cloud_server(port), detector(**params), \
+            running(camera_command(rate_hz=3.0)):
+        wait_until(lambda: observed.diagnostics and 'triggers' in observed.diagnostics[-1]
+                   and int(observed.diagnostics[-1]['triggers']['written']) >= 2
+                   and int(observed.diagnostics[-1]['triggers']['rate_limited']) >= 1, 90,
+                   'two snippets written and a triggered frame rate limited')
+    counters = observed.diagnostics[-1]['triggers']
+    print({k: counters[k] for k in ('triggered', 'rate_limited', 'written', 'bytes_on_disk',
+                                    'queue_full', 'write_errors')})
+    assert int(counters['triggered']) >= 3 and counters['write_errors'] == '0'
+    index = [json.loads(line) for line in (store / 'index.jsonl').read_text().splitlines()]
+    assert len(index) == int(counters['written'])
+    assert sorted(p.name for p in store.iterdir()) == sorted(
+        [x['file'] for x in index] + ['index.jsonl'])
+    assert sum(x['bytes'] for x in index) == int(counters['bytes_on_disk'])
+    local_published = {_stamp_ns(m): m for m, _ in observed.local}
+    cloud_published = {_stamp_ns(m): m for m, _ in observed.cloud}
+    compared = 0
+    for entry in index:
+        snippet = read_snippet(store / entry['file'])
+        assert snippet.frame_id == 'cam_front' and snippet.stamp_ns == entry['stamp_ns']
+        assert decode_rgb(snippet.jpeg, 'jpeg').shape == (480, 640, 3)
+        assert snippet.cloud is not None and snippet.winner == 'cloud' and not snippet.late
+        assert set(snippet.reasons) & {CLOUD_ONLY_OBJECT, LOCAL_ONLY_OBJECT}
+        assert snippet.local_model == 'ssdlite320_mobilenet_v3_large:random'
+        assert snippet.cloud_model == 'cloud' and snippet.categories[1] == 'person'
+        local, cloud = (local_published.get(snippet.stamp_ns),
+                        cloud_published.get(snippet.stamp_ns))
+        if local is not None and cloud is not None:  # both topics matched by then
+            assert len(local.detections) == len(snippet.local)
+            assert len(cloud.detections) == len(snippet.cloud)
+            compared += 1
+    assert compared >= 1
