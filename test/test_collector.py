@@ -1,4 +1,4 @@
-"""The snippet collector and the vehicle's uploader over real gRPC on loopback (issue 10, item 2)."""
+"""The snippet collector and the vehicle's uploader over real gRPC on loopback (issue 10)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,7 +103,7 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., Collector]]:
 class Entry:
     path: Path
     sha256: str
-    bytes: int
+    bytes: int  # noqa: A003 (the snippet index's field name)
 
 
 class Source:
@@ -167,7 +167,8 @@ def test_snippets_are_uploaded_verified_indexed_and_not_sent_twice(start_collect
     for entry in source.entries:
         assert (collector.root / 'snippets' / f'{entry.sha256}.mcap').read_bytes() == (
             entry.path.read_bytes())
-    index = [json.loads(line) for line in (collector.root / 'index.jsonl').read_text().splitlines()]
+    lines = (collector.root / 'index.jsonl').read_text().splitlines()
+    index = [json.loads(line) for line in lines]
     assert [(i['sha256'], i['bytes'], i['name']) for i in index] == [
         (e.sha256, e.bytes, e.path.name) for e in source.entries]
     stats = uploader.stats()
@@ -200,7 +201,7 @@ def test_an_upload_stream_of_stored_content_is_answered_duplicate(start_collecto
 
 # --- resume -------------------------------------------------------------------------------
 
-_HALF_CLIENT = r'''
+_HALF_CLIENT = r"""
 import sys, threading, grpc
 from speculative_av.cloud import collector_pb2, collector_pb2_grpc
 target, path, sha, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -211,11 +212,11 @@ def chunks():
                                         data=data[offset:offset + chunk], name='half')
     threading.Event().wait()  # hang mid-stream until killed
 collector_pb2_grpc.SnippetCollectorStub(grpc.insecure_channel(target)).Upload(chunks())
-'''
+"""
 
 
-def test_an_upload_killed_mid_stream_resumes_where_the_collector_stopped(start_collector,
-                                                                        tmp_path):
+def test_an_upload_killed_mid_stream_resumes_where_the_collector_stopped(
+        start_collector, tmp_path):
     collector = start_collector()
     path = _snippet(tmp_path, 'big.mcap', 200 * 1024)
     source = Source(path)
@@ -228,15 +229,19 @@ def test_an_upload_killed_mid_stream_resumes_where_the_collector_stopped(start_c
     finally:
         client.send_signal(signal.SIGKILL)
         client.wait()
-    _wait(lambda: collector.stub.Offset(collector_pb2.OffsetRequest(sha256=sha, size=path.stat(
-    ).st_size), timeout=5).received == half, what='the offset to report the half')
+    request = collector_pb2.OffsetRequest(sha256=sha, size=path.stat().st_size)
+    _wait(lambda: collector.stub.Offset(request, timeout=5).received == half,
+          what='the offset to report the half')
     uploader = _uploader(source, collector.target)
     try:
         source.wait_uploaded(1)
     finally:
         uploader.stop()
     stats = uploader.stats()
-    assert (stats.uploaded, stats.resumed, stats.bytes_sent) == (1, 1, path.stat().st_size - half)
+    # It resumed rather than starting over (a first try may meet the killed stream's handler
+    # still holding the hash: ABORTED, retried).
+    assert stats.uploaded == 1 and stats.resumed >= 1
+    assert stats.bytes_sent <= path.stat().st_size - half + stats.failures * CHUNK
     assert (collector.root / 'snippets' / f'{sha}.mcap').read_bytes() == path.read_bytes()
     assert not (collector.root / 'partial' / f'{sha}.part').exists()
 
@@ -344,8 +349,8 @@ def test_a_long_pause_ends_the_stream_and_the_upload_resumes_in_a_new_one(start_
     finally:
         uploader.stop()
     stats = uploader.stats()
-    assert (stats.uploaded, stats.streams, stats.resumed, stats.bytes_sent) == (1, 2, 1,
-                                                                                 3 * CHUNK)
+    assert (stats.uploaded, stats.streams, stats.resumed) == (1, 2, 1)
+    assert stats.bytes_sent == 3 * CHUNK
     assert (collector.root / 'snippets' / f'{source.entries[0].sha256}.mcap').exists()
 
 
@@ -451,6 +456,7 @@ def test_stalled_streams_are_cancelled_and_upload_slots_are_bounded(start_collec
     assert ended.value.code() == grpc.StatusCode.CANCELLED
     # The slot is free again (once the cancelled handler unwound) and the stalled content
     # resumes from what arrived.
+
     def upload_other() -> bool:
         try:
             return collector.stub.Upload(iter([_chunk(other)]), timeout=5).stored

@@ -46,7 +46,7 @@ class PendingSnippet(Protocol):
         """Return the file's SHA-256, lowercase hex."""
 
     @property
-    def bytes(self) -> int:
+    def bytes(self) -> int:  # noqa: A003 (the snippet index's field name)
         """Return the file's size."""
 
 
@@ -214,7 +214,7 @@ class SnippetUploader(Generic[Entry]):
             try:
                 reply = self._stream(entry, path, size, offset.received)
             except grpc.RpcError as error:
-                if error.code() in PERMANENT:  # type: ignore[attr-defined]
+                if error.code() in PERMANENT:
                     self._reject(entry, _describe(error))
                     return
                 raise
@@ -303,5 +303,5 @@ class SnippetUploader(Generic[Entry]):
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, grpc.RpcError):
-        return f'{error.code().name}: {error.details()}'  # type: ignore[attr-defined]
+        return f'{error.code().name}: {error.details()}'
     return str(error) or repr(error)
