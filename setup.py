@@ -29,6 +29,7 @@ setup(
         'console_scripts': [
             'speculative_detector = speculative_av.ros.detector_node:main',
             'cloud_server = speculative_av.cloud.server:main',
+            'snippet_collector = speculative_av.cloud.collector:main',
             'triton_server = speculative_av.cloud.triton_server:main',
             'synthetic_camera = speculative_av.ros.synthetic_camera:main',
             'replay = speculative_av.tools.replay:main',

@@ -263,3 +263,20 @@ def test_stop_resolves_hedges_not_yet_sent() -> None:
 def test_invalid_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         CloudDispatcher([ScriptedEndpoint('a')], {'a': 10}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_in_flight_counts_every_call_and_idle_listeners_hear_the_last_one_end() -> None:
+    a, b = ScriptedEndpoint('a'), ScriptedEndpoint('b')
+    dispatcher = CloudDispatcher([a, b], {'a': 10, 'b': 5})
+    idle: list[int] = []
+    dispatcher.add_idle_listener(lambda: idle.append(dispatcher.in_flight()))
+    dispatcher.add_idle_listener(lambda: 1 / 0)  # a failing listener costs no frame
+    outcomes = Outcomes()
+    assert dispatcher.in_flight() == 0
+    send(dispatcher, outcomes, 'f1')
+    assert dispatcher.in_flight() == 2
+    a.calls[0].finish()
+    assert dispatcher.in_flight() == 1 and idle == []
+    b.calls[0].finish()
+    assert dispatcher.in_flight() == 0 and idle == [0]
+    assert set(outcomes.wait_for('f1', 2)) == {'a', 'b'}

@@ -153,7 +153,7 @@ def test_token_file_keeps_digests_and_method_grants(pki: Pki) -> None:
     entries = load_tokens(pki.path('tokens.txt'))
     assert [(e.vehicle_id, e.methods) for e in entries] == [
         ('car-1', None), ('car-2', None), ('monitor', frozenset({'GetModelInfo'}))]
-    assert METHODS == {'Detect', 'GetModelInfo'}
+    assert METHODS == {'Detect', 'GetModelInfo', 'Offset', 'Upload'}  # cloud, collector
     assert all(pki.tokens['car-1'].encode() not in e.digest for e in entries)
 
 

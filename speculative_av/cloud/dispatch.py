@@ -142,6 +142,7 @@ class CloudDispatcher:
         self._hedge_seq = itertools.count()
         self._wake = threading.Condition(self._lock)
         self._running = True
+        self._idle_listeners: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
         if hedge_after_s is not None:
             self._thread = threading.Thread(target=self._send_due_hedges, name='cloud-hedges',
@@ -213,6 +214,21 @@ class CloudDispatcher:
                                  self._stats.hedges_unneeded, self._stats.hedges_denied,
                                  dict(self._outstanding))
 
+    def in_flight(self) -> int:
+        """Return the cloud calls in flight now, over every endpoint (cheap: one lock)."""
+        with self._lock:
+            return sum(self._outstanding.values())
+
+    def add_idle_listener(self, listener: Callable[[], None]) -> None:
+        """
+        Call ``listener`` whenever the last call in flight ends (so the link fell idle).
+
+        It runs on the thread that delivered that reply, outside the dispatcher's lock: it
+        must be quick (e.g. notify a condition). Lower-priority traffic waits on this.
+        """
+        with self._lock:
+            self._idle_listeners.append(listener)
+
     def stop(self) -> None:
         """Stop the hedge thread; hedges not yet sent resolve CANCELLED."""
         with self._lock:
@@ -240,6 +256,12 @@ class CloudDispatcher:
         def finish(reply: CloudReply) -> None:
             with self._lock:
                 self._outstanding[name] -= 1
+                idle = list(self._idle_listeners) if not any(self._outstanding.values()) else []
+            for listener in idle:
+                try:
+                    listener()
+                except Exception:  # noqa: B902 (the frame must still resolve this endpoint)
+                    _LOG.exception('idle listener failed')
             on_done(reply)
 
         try:

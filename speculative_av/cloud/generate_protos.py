@@ -4,7 +4,8 @@ Generate the Python gRPC code of the ``protos/*.proto`` files into this package.
 Run ``python -m speculative_av.cloud.generate_protos`` after editing a proto; the generated
 files are committed, and a test checks they match a fresh generation byte for byte.
 ``detection.proto`` is the native protocol; ``open_inference.proto`` the subset of the Open
-Inference Protocol (KServe v2) the vehicle speaks to Triton and other v2 servers.
+Inference Protocol (KServe v2) the vehicle speaks to Triton and other v2 servers;
+``collector.proto`` the fleet's snippet upload (vehicle to collector).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_DIR = PACKAGE_DIR.parents[1] / 'protos'
-PROTOS = ('detection.proto', 'open_inference.proto')
+PROTOS = ('detection.proto', 'open_inference.proto', 'collector.proto')
 _MYPY_SKIP = '# mypy: ignore-errors\n'
 
 

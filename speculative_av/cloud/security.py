@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import grpc
+from speculative_av.cloud import collector_pb2
 from speculative_av.cloud import detection_pb2
 
 _LOG = logging.getLogger('cloud_security')
@@ -32,7 +33,9 @@ _LOG = logging.getLogger('cloud_security')
 OPEN_SERVICES = frozenset({'grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection',
                            'grpc.reflection.v1.ServerReflection'})
 # What a token file line may grant by name (a line without a list grants every method).
-METHODS = frozenset(detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].methods_by_name)
+METHODS = frozenset(
+    [*detection_pb2.DESCRIPTOR.services_by_name['CloudDetector'].methods_by_name,
+     *collector_pb2.DESCRIPTOR.services_by_name['SnippetCollector'].methods_by_name])
 LIMITED_METHODS = frozenset({'Detect'})  # the per-client limit counts these (they cost inference)
 MIN_TOKEN_LENGTH = 16
 DENIAL_LOG_INTERVAL_S = 1.0  # a flood of bad tokens must not flood the log
@@ -83,7 +86,8 @@ def load_tokens(path: str | Path) -> list[VehicleToken]:
 
     ``token`` is the token itself or ``sha256:<64 hex digits>``, its digest, so the server's
     disk need not hold tokens. A vehicle may have several lines (tokens), e.g. while a token
-    is rotated. Without a method list a line grants every CloudDetector method. Blank lines and
+    is rotated. Without a method list a line grants every method (of CloudDetector and
+    SnippetCollector: a server serves one of them). Blank lines and
     lines starting with ``#`` are ignored. Errors name the line, never the token.
     """
     entries: list[VehicleToken] = []
@@ -230,16 +234,16 @@ class SecurityInterceptor(grpc.ServerInterceptor):
         service, _, method = str(handler_call_details.method).lstrip('/').rpartition('/')
         if handler is None or service in OPEN_SERVICES:
             return handler
-        if handler.unary_unary is None:
-            return None  # fail closed (UNIMPLEMENTED): only unary methods are guarded here
+        if handler.unary_unary is None and handler.stream_unary is None:
+            return None  # fail closed (UNIMPLEMENTED): only these kinds are guarded here
         vehicle_id: str | None = None
         if self._tokens is not None:
             verdict = self._tokens.authorize(method, handler_call_details.invocation_metadata)
             if isinstance(verdict, Denial):
-                return self._refusal(method, verdict)
+                return self._refusal(method, verdict, streaming=handler.unary_unary is None)
             vehicle_id = verdict
         limiter = self._limiter
-        if limiter is None or method not in LIMITED_METHODS:
+        if limiter is None or method not in LIMITED_METHODS or handler.unary_unary is None:
             return handler
         behavior = handler.unary_unary
 
@@ -259,12 +263,14 @@ class SecurityInterceptor(grpc.ServerInterceptor):
             limited, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _refusal(self, method: str, denial: Denial) -> Any:
-        """Return a handler that logs the refusal and ends the call with ``denial``."""
-        def deny(request: bytes, context: grpc.ServicerContext) -> None:
+    def _refusal(self, method: str, denial: Denial, *, streaming: bool) -> Any:
+        """Return a handler (of the method's kind) that logs and ends the call with ``denial``."""
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
             self._log_denial(method, str(context.peer()), denial)
             context.abort(denial.code, denial.details)
 
+        if streaming:  # a client stream is refused before its first message is read
+            return grpc.stream_unary_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
 
     def _log_denial(self, method: str, peer: str, denial: Denial) -> None:
@@ -283,8 +289,8 @@ class SecurityInterceptor(grpc.ServerInterceptor):
 # --- server: configuration -----------------------------------------------------------------
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the server's security options to its command line."""
+def add_server_arguments(parser: argparse.ArgumentParser, *, call_limit: bool = True) -> None:
+    """Add the server's security options to its command line (``call_limit``: Detect's)."""
     group = parser.add_argument_group(
         'security', 'TLS is required unless --insecure is given (README: Securing the cloud '
         'link)')
@@ -296,13 +302,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help='PEM CA bundle; when given, clients must present a certificate it '
                        'signed (mutual TLS)')
     group.add_argument('--tokens', default='', metavar='FILE',
-                       help="'vehicle_id token [Method,...]' lines; Detect and GetModelInfo then "
-                       'need "authorization: Bearer <token>" metadata')
+                       help="'vehicle_id token [Method,...]' lines; every call but health and "
+                       'reflection then needs "authorization: Bearer <token>" metadata')
     group.add_argument('--insecure', nargs='?', const=True, default=False, type=_boolean,
                        metavar='true|false',
                        help='serve plaintext without TLS (loopback, a trusted network, or behind '
                        "a TLS-terminating proxy only); a value ('--insecure false') lets launch "
                        'files pass it like every other option')
+    if not call_limit:
+        parser.set_defaults(max_calls_per_client=0)
+        return
     group.add_argument('--max-calls-per-client', type=int, default=0, metavar='N',
                        help='concurrent Detect calls one client (vehicle, certificate or '
                        'address) may have; more answer RESOURCE_EXHAUSTED at once (0 = no limit)')

@@ -1,1 +1,1 @@
-"""The fleet data engine's vehicle-side parts: triggers, snippets and their store, the recorder."""
+"""The fleet data engine: triggers, snippets, upload, model manifests (vehicle side and shared)."""

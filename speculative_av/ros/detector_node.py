@@ -24,7 +24,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, cast, TypeVar
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 import numpy.typing as npt
 from rcl_interfaces.msg import SetParametersResult
@@ -56,6 +56,7 @@ from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, L
 from speculative_av.fleet.recorder import TriggerRecorder
 from speculative_av.fleet.snippets import SnippetStore
 from speculative_av.fleet.triggers import TriggerSettings
+from speculative_av.fleet.uploader import SnippetSource, SnippetUploader, UploaderSettings
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
@@ -218,6 +219,7 @@ class SpeculativeDetector(LifecycleNode):
                 "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
                 "metadata over TLS ('' = no token).", read_only=True)
         declare_trigger_parameters(self)
+        self._declare_upload()
         self.settings = self._settings_from({})  # what frames starting now get
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: SpeculativeEngine[Image | CompressedImage, Header] | None = None
@@ -230,6 +232,95 @@ class SpeculativeDetector(LifecycleNode):
         self._detector: TorchvisionDetector | None = None
         self._diagnostics_timer: Timer | None = None
         self._recorder: TriggerRecorder | None = None
+        # Upload (issue 10): the trigger recorder's SnippetStore, set at configure when
+        # triggers are on; None = nothing to upload.
+        self._snippet_store: SnippetSource[Any] | None = None
+        self._uploader: SnippetUploader[Any] | None = None
+        self._upload_channel: Any = None
+
+    def _declare_upload(self) -> None:
+        """Declare the upload.* parameters: triggered snippets to the collector."""
+        declare(self, 'upload.enabled', False,
+                'Upload triggered snippets (needs triggers.enabled) to the snippet collector, '
+                'at the lowest priority: paused while detection calls are in flight.',
+                read_only=True)
+        declare(self, 'upload.target', 'localhost:50061',
+                "The collector as 'host:port' (snippet_collector).", read_only=True)
+        declare(self, 'upload.chunk_kb', 32,
+                'Chunk size; at most one chunk is sent after detection calls start.',
+                read_only=True, value_range=(1, 1024))
+        declare(self, 'upload.insecure', False,
+                'Plaintext gRPC without TLS or token to the collector (a trusted network only).',
+                read_only=True)
+        declare(self, 'upload.tls.ca_file', '',
+                "PEM CA bundle the collector's certificate must chain to ('' = system roots).",
+                read_only=True)
+        declare(self, 'upload.tls.cert_file', '',
+                "PEM client certificate for mutual TLS ('' = none; needs upload.tls.key_file).",
+                read_only=True)
+        declare(self, 'upload.tls.key_file', '',
+                "PEM private key of upload.tls.cert_file ('' = none).", read_only=True)
+        declare(self, 'upload.tls.server_name', '',
+                "Name expected in the collector's certificate when it differs from the host "
+                "('' = the host).", read_only=True)
+        declare(self, 'upload.token_file', '',
+                "File holding this vehicle's bearer token for the collector ('' = none).",
+                read_only=True)
+
+    def _upload_security(self) -> ChannelSecurity | None:
+        """Return the collector link's security, None when upload is off (SecurityError)."""
+        if not self.get_parameter('upload.enabled').value:
+            return None
+        return ChannelSecurity.from_settings(
+            insecure=self.get_parameter('upload.insecure').value,
+            ca_file=self.get_parameter('upload.tls.ca_file').value,
+            cert_file=self.get_parameter('upload.tls.cert_file').value,
+            key_file=self.get_parameter('upload.tls.key_file').value,
+            token_file=self.get_parameter('upload.token_file').value,
+            server_name=self.get_parameter('upload.tls.server_name').value)
+
+    def _start_upload(self, security: ChannelSecurity | None) -> None:
+        """Start the uploader when upload is on and triggers keep a snippet store."""
+        if security is None:
+            return
+        store = self._snippet_store
+        if store is None:
+            self.get_logger().warning('upload.enabled is true but triggers keep no snippets '
+                                      '(triggers.enabled false): nothing to upload')
+            return
+        insecure = security.credentials is None
+        target = self.get_parameter('upload.target').value
+        self._upload_channel = security.channel(target, [])
+        dispatcher = self._dispatcher
+        self._uploader = SnippetUploader(
+            store, self._upload_channel,
+            link_busy=(lambda: dispatcher.in_flight() > 0) if dispatcher else (lambda: False),
+            settings=UploaderSettings(chunk_bytes=self.get_parameter('upload.chunk_kb').value
+                                      << 10))
+        if dispatcher is not None:
+            dispatcher.add_idle_listener(self._uploader.link_changed)
+        self._uploader.start()
+        self.get_logger().info(f'uploading snippets to {target}'
+                               + (' in PLAINTEXT (upload.insecure)' if insecure else ''))
+
+    def _stop_upload(self) -> None:
+        if self._uploader is not None:
+            self._uploader.stop()
+            self._uploader = None
+        if self._upload_channel is not None:
+            self._upload_channel.close()
+            self._upload_channel = None
+
+    def _upload_status(self) -> DiagnosticStatus | None:
+        """Return the uploader's counters for /diagnostics (None when it is off)."""
+        if self._uploader is None:
+            return None
+        stats = vars(self._uploader.stats())
+        return DiagnosticStatus(
+            level=DiagnosticStatus.OK, name=f'{self.get_name()}: upload',
+            message=f"{stats['uploaded']} uploaded, {stats['duplicates']} duplicate(s)",
+            values=[KeyValue(key=k, value=f'{v:.3f}' if isinstance(v, float) else str(v))
+                    for k, v in stats.items()])
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -258,6 +349,7 @@ class SpeculativeDetector(LifecycleNode):
                 token_file=self.get_parameter('cloud.token_file').value,
                 server_name=self.get_parameter('cloud.tls.server_name').value)
             self._recorder = self._trigger_recorder(self._detector.categories)
+            upload_security = self._upload_security()
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -317,6 +409,8 @@ class SpeculativeDetector(LifecycleNode):
         # Health is reported in real time, also while a replay's /clock is paused or absent.
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._snippet_store = self._recorder.store if self._recorder is not None else None
+        self._start_upload(upload_security)
         return TransitionCallbackReturn.SUCCESS
 
     def _trigger_recorder(self, categories: list[str]) -> TriggerRecorder | None:
@@ -408,6 +502,7 @@ class SpeculativeDetector(LifecycleNode):
             self.engine.stop('node shutting down')
         if self._recorder is not None:  # after the engine: its last settled frames still count
             self._recorder.stop()
+        self._stop_upload()
         if self._dispatcher is not None:
             self._dispatcher.stop()
             self._dispatcher = None
@@ -542,6 +637,9 @@ class SpeculativeDetector(LifecycleNode):
         statuses.append(summary_status(self.get_name(), counters, self.failed))
         if self._recorder is not None:
             statuses.append(trigger_status(self.get_name(), self._recorder))
+        upload = self._upload_status()
+        if upload is not None:
+            statuses.append(upload)
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 
