@@ -146,16 +146,17 @@ class ShadowRunner:
     """Run a candidate detector on some frames beside the deployed one and score its agreement."""
 
     def __init__(self, candidate: Candidate, settings: ShadowSettings = ShadowSettings(), *,
-                 label_map: npt.NDArray[np.int64] | None = None,
+                 name: str = 'candidate', label_map: npt.NDArray[np.int64] | None = None,
                  timer: Callable[[], float] = time.perf_counter,
                  logger: Logger | None = None) -> None:
         """
         Build the runner; nothing runs until :meth:`start` (or hand-driven :meth:`run_once`).
 
-        ``label_map`` translates the candidate's label ids into the deployed model's (see
+        ``name`` says which candidate this is in reports; ``label_map`` translates the candidate's label ids into the deployed model's (see
         ``core.detections.label_mapping``); ``timer`` (s) measures inference and the budget.
         """
         self.candidate = candidate
+        self.name = name
         self.settings = settings
         self._label_map = label_map
         self._timer = timer
