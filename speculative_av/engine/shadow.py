@@ -152,7 +152,8 @@ class ShadowRunner:
         """
         Build the runner; nothing runs until :meth:`start` (or hand-driven :meth:`run_once`).
 
-        ``name`` says which candidate this is in reports; ``label_map`` translates the candidate's label ids into the deployed model's (see
+        ``name`` says which candidate this is in reports; ``label_map`` translates the
+        candidate's label ids into the deployed model's (see
         ``core.detections.label_mapping``); ``timer`` (s) measures inference and the budget.
         """
         self.candidate = candidate

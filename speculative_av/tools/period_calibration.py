@@ -74,7 +74,7 @@ def accuracy(predicted: list[str], periods: list[str]) -> float:
 
 def confusion(predicted: list[str], periods: list[str]) -> dict[str, dict[str, int]]:
     """Return, per true period, how often each period was estimated."""
-    table = {t: {p: 0 for p in PERIODS} for t in PERIODS}
+    table = {t: dict.fromkeys(PERIODS, 0) for t in PERIODS}
     for p, t in zip(predicted, periods):
         table[t][p] += 1
     return table
