@@ -38,8 +38,9 @@ def test_a_candidate_in_shadow_leaves_every_fused_frame_and_reports_on_diagnosti
     assert all(d['winner'] in ('cloud', 'local') for d, _ in observed.decisions)
     _check_one_fused_per_frame_with_image_headers(observed)
     _check_fused_is_the_winners_result_once_per_decided_frame(observed)
-    images = {(m.header.stamp.sec, m.header.stamp.nanosec) for m, _ in observed.images}
-    fused = {(m.header.stamp.sec, m.header.stamp.nanosec) for m, _ in observed.fused}
-    # At 3 Hz nothing needs dropping: every image from the first fused one on was fused.
-    assert fused == {s for s in images if min(fused) <= s <= max(fused)}
-    assert len(fused) >= 12
+    # Every frame the node took was fused; any other was dropped by newest-wins and counted.
+    summary = observed.diagnostics[-1]['speculation']
+    received, processed = int(summary['frames_received']), int(summary['frames_processed'])
+    assert received - processed - int(summary['dropped_frames']) in (0, 1)
+    assert int(summary['frame_errors']) == 0 and int(summary['late']) == 0
+    assert len(observed.fused) >= 12
