@@ -48,7 +48,7 @@ from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
 from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.deadline import DeadlinePolicy
-from speculative_av.core.detections import Detections
+from speculative_av.core.detections import Detections, label_mapping
 from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
@@ -57,10 +57,12 @@ from speculative_av.fleet.recorder import TriggerRecorder
 from speculative_av.fleet.snippets import SnippetStore
 from speculative_av.fleet.triggers import TriggerSettings
 from speculative_av.fleet.uploader import SnippetSource, SnippetUploader, UploaderSettings
+from speculative_av.engine.shadow import cloud_answer, ShadowRunner, ShadowSettings
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
-                                         label_info_msg, source_status, summary_status)
+                                         label_info_msg, shadow_status, source_status,
+                                         summary_status)
 from speculative_av.ros.parameters import declare
 from speculative_av.ros.trigger_parameters import declare_trigger_parameters, trigger_status
 from std_msgs.msg import Header
@@ -220,6 +222,7 @@ class SpeculativeDetector(LifecycleNode):
                 "metadata over TLS ('' = no token).", read_only=True)
         declare_trigger_parameters(self)
         self._declare_upload()
+        self._declare_shadow()
         self.settings = self._settings_from({})  # what frames starting now get
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: SpeculativeEngine[Image | CompressedImage, Header] | None = None
@@ -230,6 +233,7 @@ class SpeculativeDetector(LifecycleNode):
         self._dispatcher: CloudDispatcher | None = None
         self._cameras: dict[str, _Camera] = {}
         self._detector: TorchvisionDetector | None = None
+        self._shadow: ShadowRunner | None = None
         self._diagnostics_timer: Timer | None = None
         self._recorder: TriggerRecorder | None = None
         # Upload (issue 10): the trigger recorder's SnippetStore, set at configure when
@@ -322,6 +326,58 @@ class SpeculativeDetector(LifecycleNode):
             values=[KeyValue(key=k, value=f'{v:.3f}' if isinstance(v, float) else str(v))
                     for k, v in stats.items()])
 
+    def _declare_shadow(self) -> None:
+        """Declare the shadow.* group: a candidate model compared beside the deployed one."""
+        declare(self, 'shadow.enabled', False,
+                'Run a candidate local model in shadow mode: on some frames, beside the '
+                'deployed one, never touching the fused output; its agreement with the deployed '
+                'and the cloud results per estimated day/dusk/night goes on /diagnostics.',
+                read_only=True)
+        declare(self, 'shadow.model', '',
+                "torchvision architecture of the candidate ('' = local.model).", read_only=True)
+        declare(self, 'shadow.weights', '',
+                "The candidate's weights: a checkpoint path or 'DEFAULT' ('' = local.weights; "
+                "'random' for tests only).", read_only=True)
+        declare(self, 'shadow.every_nth', 4,
+                'Offer the candidate every Nth frame with a local result (1 = every frame).',
+                read_only=True, value_range=(1, 1_000_000))
+        declare(self, 'shadow.cpu_share', 0.25,
+                "Most of one core's wall time the candidate may use (1.0 = no limit); frames "
+                'beyond it are skipped, counted as skipped_budget.', read_only=True,
+                value_range=(0.01, 1.0))
+        declare(self, 'shadow.iou', 0.5,
+                'Boxes of one class overlapping this much are the same object when comparing.',
+                read_only=True, value_range=(0.01, 1.0))
+        declare(self, 'shadow.min_score', 0.5,
+                'Detections scoring below this are left out of the comparison.',
+                read_only=True, value_range=(0.0, 1.0))
+
+    def _open_shadow(self, deployed: TorchvisionDetector) -> ShadowRunner | None:
+        """Load and warm up the candidate when shadow mode is on (ValueError/OSError if not)."""
+        if not self.get_parameter('shadow.enabled').value:
+            return None
+        candidate = TorchvisionDetector(
+            self.get_parameter('shadow.model').value or self.get_parameter('local.model').value,
+            self.get_parameter('shadow.weights').value
+            or self.get_parameter('local.weights').value,
+            self.get_parameter('local.device').value,
+            self.get_parameter('local.score_threshold').value)
+        candidate.detect(np.zeros((480, 640, 3), np.uint8))
+        settings = ShadowSettings(
+            every_nth=self.get_parameter('shadow.every_nth').value,
+            cpu_share=self.get_parameter('shadow.cpu_share').value,
+            iou=self.get_parameter('shadow.iou').value,
+            min_score=self.get_parameter('shadow.min_score').value)
+        self.get_logger().info(
+            f'shadow mode: candidate {candidate.model_name} ({candidate.model_version}), every '
+            f'{settings.every_nth} frame(s), within {settings.cpu_share:.0%} of a core')
+        # By name only when the label maps differ: COCO's repeats 'N/A', which names cannot map.
+        label_map = (None if candidate.categories == deployed.categories
+                     else label_mapping(candidate.categories, deployed.categories))
+        return ShadowRunner(candidate, settings,
+                            name=f'{candidate.model_name}:{candidate.model_version}',
+                            label_map=label_map, logger=self.get_logger())
+
     # Lifecycle ---------------------------------------------------------------------------
 
     @_logged
@@ -356,6 +412,11 @@ class SpeculativeDetector(LifecycleNode):
         detector = self._detector
         # Pay the first-inference cost (allocations, kernel selection) before frames count.
         detector.detect(np.zeros((480, 640, 3), np.uint8))
+        try:
+            self._shadow = self._open_shadow(detector)
+        except (ValueError, RuntimeError, OSError) as error:
+            self.get_logger().error(f'configure failed: shadow candidate: {error}')
+            return TransitionCallbackReturn.FAILURE
         # The model and the libraries are ~400k objects that live as long as the node; a full
         # garbage collection scanning them stalls every thread ~200 ms (measured: fused results
         # that late). Frozen, they are left out of collections until close() thaws them.
@@ -453,6 +514,8 @@ class SpeculativeDetector(LifecycleNode):
             camera.subscription = self.create_subscription(
                 msg_type, topic, partial(self._on_image, camera.name), qos_profile_sensor_data)
         self.engine.start()
+        if self._shadow is not None:
+            self._shadow.start()
         return result
 
     @_logged
@@ -464,6 +527,8 @@ class SpeculativeDetector(LifecycleNode):
                 camera.subscription = None
         if self.engine is not None:
             self.engine.stop('node deactivated')
+        if self._shadow is not None:
+            self._shadow.stop()
         if self.failed:
             return TransitionCallbackReturn.ERROR  # on to ErrorProcessing
         return super().on_deactivate(state)
@@ -503,6 +568,8 @@ class SpeculativeDetector(LifecycleNode):
         if self._recorder is not None:  # after the engine: its last settled frames still count
             self._recorder.stop()
         self._stop_upload()
+        if self._shadow is not None:
+            self._shadow.stop()
         if self._dispatcher is not None:
             self._dispatcher.stop()
             self._dispatcher = None
@@ -526,7 +593,7 @@ class SpeculativeDetector(LifecycleNode):
             self._diagnostics_timer = None
             for publisher in (self._label_info, self._decisions, self._diagnostics):
                 self.destroy_lifecycle_publisher(publisher)
-        self._cameras, self._detector, self._recorder = {}, None, None
+        self._cameras, self._detector, self._recorder, self._shadow = {}, None, None, None
 
     def _settings_from(self, changes: dict[str, Any]) -> EngineSettings:
         """Return the engine settings of the run-time parameters, with ``changes`` applied."""
@@ -562,8 +629,8 @@ class SpeculativeDetector(LifecycleNode):
                            msg.header.frame_id, msg.header)
 
     def wants_image(self, camera: str) -> bool:
-        """Keep a frame's image while triggers may keep it, or someone watches the debug image."""
-        return (self._recorder is not None
+        """Keep a frame's image for triggers, shadow mode or a debug image watcher."""
+        return (self._recorder is not None or self._shadow is not None
                 or self._cameras[camera].debug.get_subscription_count() > 0)
 
     def local(self, frame: Frame[Header], detections: Detections) -> None:
@@ -571,6 +638,8 @@ class SpeculativeDetector(LifecycleNode):
         msg = detections_msg(detections, frame.context)
         frame.outputs[LOCAL_SOURCE] = msg
         self._cameras[frame.camera].local.publish(msg)
+        if self._shadow is not None and frame.rgb is not None:
+            self._shadow.offer((frame.camera, frame.stamp_ns), frame.rgb, detections)
 
     def cloud(self, frame: Frame[Header], endpoint: str, detections: Detections) -> None:
         """Publish a cloud result on detections/cloud."""
@@ -598,6 +667,9 @@ class SpeculativeDetector(LifecycleNode):
             self._recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id, frame.rgb, record,
                                  self.engine.sources[1:], f'{self._detector.model_name}:'
                                  f'{self._detector.model_version}')
+        if self._shadow is not None:
+            self._shadow.settled((frame.camera, frame.stamp_ns),
+                                 cloud_answer(record, LOCAL_SOURCE))
 
     # Supervision and diagnostics ---------------------------------------------------------
 
@@ -640,6 +712,9 @@ class SpeculativeDetector(LifecycleNode):
         upload = self._upload_status()
         if upload is not None:
             statuses.append(upload)
+        if self._shadow is not None:
+            statuses.append(shadow_status(self.get_name(), self._shadow.name,
+                                          self._shadow.snapshot(), self._shadow.fatal))
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 

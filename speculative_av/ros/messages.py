@@ -160,3 +160,20 @@ def draw_debug_image(rgb: npt.NDArray[np.uint8], detections: Detections,
     banner = f'{winner or "none"}{" LATE" if late else ""}: {len(detections)} objects'
     cv2.putText(canvas, banner, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.65, color, 2, cv2.LINE_AA)
     return canvas
+
+
+def shadow_status(node_name: str, candidate: str, values: Mapping[str, int | float],
+                  fatal: str = '') -> DiagnosticStatus:
+    """Return shadow mode's counters and per-period agreement; ERROR once its thread died."""
+    failures = values.get('candidate_errors', 0) or values.get('errors', 0)
+    level = DiagnosticStatus.ERROR if fatal else (
+        DiagnosticStatus.WARN if failures else DiagnosticStatus.OK)
+    summary = ', '.join(
+        f"{period} {values.get(f'{period}_frames', 0)} frames agree "
+        f"{values.get(f'{period}_agreement_deployed', 0.0)}/"
+        f"{values.get(f'{period}_agreement_cloud', 0.0)}" for period in ('day', 'dusk', 'night'))
+    return DiagnosticStatus(
+        level=level, name=f'{node_name}: shadow', hardware_id=candidate,
+        message=(f'{fatal}; ' if fatal else '') + f'{candidate}: {summary} (deployed/cloud)',
+        values=[KeyValue(key='candidate', value=candidate)]
+        + [KeyValue(key=k, value=str(v)) for k, v in values.items()])
