@@ -58,6 +58,7 @@ class Watcher:
     decisions: dict[int, dict[str, str]] = field(default_factory=dict)
     health: dict[str, str] = field(default_factory=dict)
     counters: dict[str, str] = field(default_factory=dict)
+    statuses: dict[str, dict[str, str]] = field(default_factory=dict)  # by status name
 
     def __post_init__(self) -> None:
         """Subscribe to the node's outputs."""
@@ -70,6 +71,13 @@ class Watcher:
                                       self._on_decision, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
+    def status(self, suffix: str) -> dict[str, str]:
+        """Return the latest values of the node's ``<node>: <suffix>`` status ({} if none)."""
+        for name, values in self.statuses.items():
+            if name.endswith(f': {suffix}'):
+                return values
+        return {}
+
     def _on_decision(self, msg: DiagnosticStatus) -> None:
         values = {kv.key: kv.value for kv in msg.values}
         self.decisions[round(float(values['stamp']) * 1e9)] = values
@@ -77,6 +85,7 @@ class Watcher:
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
             values = {kv.key: kv.value for kv in status.values}
+            self.statuses[status.name] = values
             if status.name.endswith(': speculation'):
                 self.counters = values
             elif 'health' in values:
@@ -123,7 +132,8 @@ class Processes:
         self._children.clear()
 
 
-def _wait(condition: object, timeout: float, what: str) -> None:
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; TimeoutError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
@@ -157,7 +167,7 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
             watcher = Watcher(node)
             print(f'demo: cloud server {server} behind a {args.profile} relay {relay}; '
                   'waiting for both models to load', file=sys.stderr)
-            _wait(lambda: watcher.health.get('cloud') == 'SERVING', 120,
+            wait_for(lambda: watcher.health.get('cloud') == 'SERVING', 120,
                   'the node to see the cloud server (logs in out/demo/logs)')
             procs.start('record', python + ['speculative_av.tools.record', '-o', str(outputs),
                                             *OUTPUT_TOPICS[:4]])
@@ -170,13 +180,13 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
                     bar.update(len(watcher.decisions) - bar.n)
                     time.sleep(0.1)
                 # The last frames resolve at their deadlines (plus the cloud's cancellation).
-                _wait(lambda: watcher.counters and len(watcher.decisions) >= int(
+                wait_for(lambda: watcher.counters and len(watcher.decisions) >= int(
                     watcher.counters.get('frames_processed', 0)), 10 + args.deadline_ms / 1e3,
                     'the last decisions')
                 bar.update(len(watcher.decisions) - bar.n)
             if replay.returncode != 0:
                 raise RuntimeError(f'replay failed ({replay.returncode}); see its log')
-            _wait(lambda: int(watcher.counters.get('frames_received', -1))
+            wait_for(lambda: int(watcher.counters.get('frames_received', -1))
                   == len(watcher.decisions) + int(watcher.counters.get('dropped_frames', 0)),
                   3, 'final counters')
     finally:
