@@ -1,0 +1,1 @@
+"""The fleet data engine: vehicle-side and shared code (triggers, upload, shadow, updates)."""
