@@ -950,7 +950,8 @@ def test_the_snapshot_reports_every_counter_and_figure():
         'frame_errors': 0, 'clock_resets': 0, 'cloud_skipped': 0, 'cloud_skipped_uplink': 0,
         'cloud_frames_sent': 2, 'cloud_bytes_sent': sum(c.frame.nbytes for c in
                                                         rig.endpoints['cloud'].calls),
-        'local_batched_frames': 0, 'dropped_frames': 0, 'late': 0, 'no_winner': 0,
+        'local_batched_frames': 0, 'local_model_swaps': 0, 'local_model_rollbacks': 0,
+        'dropped_frames': 0, 'late': 0, 'no_winner': 0,
         'open_frames': 1, 'cloud_calls': 2, 'cloud_hedged': 0, 'cloud_hedges_denied': 0,
         'node_overhead_ms_p50': 0.123, 'node_overhead_ms_p95': 0.123,
         'node_overhead_ms_p99': 0.123,
