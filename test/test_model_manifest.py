@@ -38,7 +38,7 @@ def test_a_signed_release_verifies_and_names_its_weights(signed):
     manifest = verify_manifest(signed, TRUSTED)
     assert manifest.label == 'local-ssdlite:2'
     assert manifest.weights == signed.parent / 'model.pt'
-    assert manifest.bytes == 4096
+    assert manifest.size == 4096
 
 
 def test_a_signature_by_an_untrusted_key_is_refused(signed):

@@ -48,7 +48,7 @@ class ModelManifest:
     architecture: str
     file: str  # the weights' file name, in the manifest's directory
     sha256: str
-    bytes: int
+    size: int  # 'bytes' in the JSON
     created: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     directory: Path = Path('.')  # where the manifest was read from (not part of the JSON)
@@ -63,11 +63,13 @@ class ModelManifest:
         """Return ``name:version``, how frames and replies name the model."""
         return f'{self.name}:{self.version}'
 
-    def to_json(self) -> bytes:
-        """Return the manifest's JSON bytes (what is signed)."""
-        data = asdict(self)
-        del data['directory']
-        return (json.dumps(data, indent=2, sort_keys=True) + '\n').encode()
+
+def manifest_json(manifest: ModelManifest) -> bytes:
+    """Return the manifest's JSON bytes (what is signed)."""
+    data = asdict(manifest)
+    del data['directory']
+    data['bytes'] = data.pop('size')
+    return (json.dumps(data, indent=2, sort_keys=True) + '\n').encode()
 
 
 def signature_path(manifest: str | Path) -> Path:
@@ -187,7 +189,8 @@ def _parse(text: bytes, path: Path) -> ModelManifest:
         raise ManifestError(f'manifest {path}: bytes {data["bytes"]} out of (0, '
                             f'{MAX_MODEL_BYTES}]')
     _check_file_name(data['file'], path)
-    return ModelManifest(**data, directory=path.parent)
+    return ModelManifest(data['name'], data['version'], data['architecture'], data['file'],
+                         data['sha256'], data['bytes'], data['created'], kwargs, path.parent)
 
 
 def _check_file_name(name: str, path: Path) -> None:
@@ -210,10 +213,10 @@ def _check_weights(manifest: ModelManifest) -> None:
         raise ManifestError(f'weights {weights}: {error.strerror or error}') from None
     if not weights.is_file():
         raise ManifestError(f'weights {weights} is not a regular file')
-    if size != manifest.bytes:
+    if size != manifest.size:
         raise ManifestError(f'weights {weights} have {size} bytes, the manifest says '
-                            f'{manifest.bytes}')
-    digest = file_sha256(weights, manifest.bytes)
+                            f'{manifest.size}')
+    digest = file_sha256(weights, manifest.size)
     if digest != manifest.sha256:
         raise ManifestError(f'weights {weights} have sha256 {digest}, the manifest says '
                             f'{manifest.sha256}')
@@ -245,8 +248,9 @@ def release(weights: str | Path, *, name: str, version: str, architecture: str,
     if path.resolve().parent != weights.resolve().parent:
         raise ManifestError('the manifest must lie in the same directory as the weights')
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-    text = ModelManifest(name, version, architecture, weights.name, file_sha256(weights, size),
-                         size, created, dict(model_kwargs or {})).to_json()
+    text = manifest_json(ModelManifest(name, version, architecture, weights.name,
+                                       file_sha256(weights, size), size, created,
+                                       dict(model_kwargs or {})))
     _parse(text, path)  # refuse a name or version no vehicle would accept
     path.write_bytes(text)
     signature = base64.b64encode(private_key.sign(text)) + b'\n'

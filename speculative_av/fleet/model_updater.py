@@ -86,9 +86,10 @@ class ModelUpdater(Generic[Detector]):
             with self._condition:
                 while self._pending is None and not self._closed:
                     self._condition.wait()
-                if self._closed:
+                manifest = self._pending
+                if self._closed or manifest is None:
                     return
-                manifest, self._pending, self._busy = self._pending, None, True
+                self._pending, self._busy = None, True
             try:
                 self._update(manifest)
             except Exception as error:  # noqa: B902 (a bad update must never end the thread)

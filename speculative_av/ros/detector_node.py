@@ -53,7 +53,7 @@ from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
                                           SpeculativeEngine)
-from speculative_av.fleet.model_manifest import (load_public_keys, ManifestError, ModelManifest,
+from speculative_av.fleet.model_manifest import (load_public_keys, ModelManifest,
                                                  verify_manifest)
 from speculative_av.fleet.model_updater import ModelUpdater
 from speculative_av.fleet.released_model import load_released
@@ -467,14 +467,14 @@ class SpeculativeDetector(LifecycleNode):
     # Over-the-air model updates ------------------------------------------------------------
 
     def _on_model_manifest(self, path: Any) -> SetParametersResult:
-        """Accept a manifest for a background update; the outcome goes to the log and diagnostics."""
+        """Accept a manifest for a background update; its outcome goes to the log, diagnostics."""
         if not isinstance(path, str):
             return SetParametersResult(successful=False, reason='a manifest path is a string')
         if not path or self._updater is None:  # not configured yet: configure loads it
             return SetParametersResult(successful=True)
         if not self._trusted_keys:
-            return SetParametersResult(successful=False,
-                                       reason='local.trusted_keys is empty: no manifest can verify')
+            return SetParametersResult(
+                successful=False, reason='local.trusted_keys is empty: no manifest can verify')
         self._updater.request(path)
         return SetParametersResult(successful=True)
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'wrote {path} and {path}.sig')
         else:
             manifest = verify_manifest(args.manifest, load_public_keys(args.trusted))
-            print(f'verified {manifest.label} ({manifest.architecture}, {manifest.bytes} bytes, '
+            print(f'verified {manifest.label} ({manifest.architecture}, {manifest.size} bytes, '
                   f'sha256 {manifest.sha256})')
     except (ManifestError, OSError, ValueError) as error:
         print(f'model_release: {error}', file=sys.stderr)
