@@ -40,6 +40,7 @@ setup(
             'evaluate = speculative_av.tools.evaluate:main',
             'fleet_load = speculative_av.tools.fleet_load:main',
             'demo = speculative_av.tools.demo:main',
+            'model_release = speculative_av.tools.model_release:main',
         ],
     },
 )

@@ -950,7 +950,8 @@ def test_the_snapshot_reports_every_counter_and_figure():
         'frame_errors': 0, 'clock_resets': 0, 'cloud_skipped': 0, 'cloud_skipped_uplink': 0,
         'cloud_frames_sent': 2, 'cloud_bytes_sent': sum(c.frame.nbytes for c in
                                                         rig.endpoints['cloud'].calls),
-        'local_batched_frames': 0, 'dropped_frames': 0, 'late': 0, 'no_winner': 0,
+        'local_batched_frames': 0, 'local_model_swaps': 0, 'local_model_rollbacks': 0,
+        'dropped_frames': 0, 'late': 0, 'no_winner': 0,
         'open_frames': 1, 'cloud_calls': 2, 'cloud_hedged': 0, 'cloud_hedges_denied': 0,
         'node_overhead_ms_p50': 0.123, 'node_overhead_ms_p95': 0.123,
         'node_overhead_ms_p99': 0.123,
@@ -1043,3 +1044,103 @@ def test_a_deadline_tick_that_raises_is_logged_and_the_next_deadline_is_still_ap
         engine.stop()
     assert "applying deadlines failed: RuntimeError('tick broke')" in log.texts('error')
     assert not engine.fatal
+
+
+# Over-the-air model swaps -------------------------------------------------------------------
+
+NEW_RESULT = Detections(np.array([[2.0, 2.0, 12.0, 22.0]], np.float32),
+                        np.array([0.8], np.float32), np.array([3], np.int64))
+
+
+class SwappingDetector(ScriptedDetector):
+    """A detector during whose inference a background thread swaps in another model."""
+
+    def __init__(self, clock: ManualClock, swap: Callable[[], None]) -> None:
+        super().__init__(clock)
+        self.swap = swap
+
+    def _run(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        self.swap()
+        return super()._run(images)
+
+
+def test_a_swap_between_frames_loses_none_and_each_frame_names_its_model():
+    rig = Rig(deadline_ms=100.0)
+    rig.engine = SpeculativeEngine(rig.detector, identity, rig.sink, clock=rig.clock,
+                                   timer=lambda: rig.clock() / 1e9, local_model='ssd:1')
+    new = ScriptedDetector(rig.clock, result=NEW_RESULT)
+    stamps = []
+    for index in range(6):
+        if index == 3:
+            rig.engine.swap_local(new, 'ssd:2', probation_frames=2)
+        stamps.append(rig.frame())
+        rig.clock.advance_ms(50.0)
+    assert [f.stamp_ns for f, _, _ in rig.sink.fused_results] == stamps  # every frame, in order
+    assert [d.late for d in rig.sink.decisions] == [False] * 6
+    assert [f.local_model for f, _ in rig.sink.settled_frames] == ['ssd:1'] * 3 + ['ssd:2'] * 3
+    assert [same(d.detections, NEW_RESULT) for d in rig.sink.decisions] == [False] * 3 + [True] * 3
+    assert rig.engine.local_model == 'ssd:2'
+    assert (rig.engine.counters['local_model_swaps'], rig.engine.counters['local_model_rollbacks'],
+            rig.engine.counters['frame_errors']) == (1, 0, 0)
+
+
+def test_the_batch_in_progress_finishes_on_the_model_it_started_with():
+    rig = Rig(deadline_ms=100.0)
+    new = ScriptedDetector(rig.clock, result=NEW_RESULT)
+    swapping = SwappingDetector(rig.clock, lambda: rig.engine.swap_local(new, 'ssd:2'))
+    rig.engine = SpeculativeEngine(swapping, identity, rig.sink, clock=rig.clock,
+                                   local_model='ssd:1')
+    rig.frame()
+    rig.clock.advance_ms(50.0)
+    rig.frame()
+    assert [f.local_model for f, _ in rig.sink.settled_frames] == ['ssd:1', 'ssd:2']
+    assert same(rig.sink.decisions[0].detections, LOCAL_RESULT)
+    assert same(rig.sink.decisions[1].detections, NEW_RESULT)
+
+
+def test_a_new_model_failing_on_probation_is_rolled_back_and_its_frame_still_answered():
+    rig = Rig({'cloud': 10}, deadline_ms=100.0)
+    rig.engine = SpeculativeEngine(rig.detector, identity, rig.sink, clock=rig.clock,
+                                   local_model='ssd:1', logger=rig.log)
+    broken = ScriptedDetector(rig.clock, result=NEW_RESULT)
+    broken.fail_next = True
+    rig.engine.swap_local(broken, 'ssd:broken', probation_frames=3)
+    stamp = rig.frame()
+    rig.at_ms(100.0, stamp)
+    (frame, decision, _), = rig.sink.fused_results
+    assert decision.winner == 'local' and not decision.late
+    assert same(decision.detections, LOCAL_RESULT) and frame.local_model == 'ssd:1'
+    assert rig.engine.local_model == 'ssd:1'
+    assert (rig.engine.counters['local_model_rollbacks'], rig.engine.counters['frame_errors']) \
+        == (1, 0)
+    assert any('rolled back to ssd:1' in text for text in rig.log.texts('error'))
+
+
+def test_past_probation_a_failure_is_an_ordinary_frame_error_and_the_model_stays():
+    rig = Rig(deadline_ms=100.0)
+    rig.engine = SpeculativeEngine(rig.detector, identity, rig.sink, clock=rig.clock,
+                                   local_model='ssd:1')
+    new = ScriptedDetector(rig.clock, result=NEW_RESULT)
+    rig.engine.swap_local(new, 'ssd:2', probation_frames=1)
+    rig.frame()
+    rig.clock.advance_ms(50.0)
+    new.fail_next = True
+    rig.frame()
+    assert rig.engine.local_model == 'ssd:2'
+    assert (rig.engine.counters['local_model_rollbacks'], rig.engine.counters['frame_errors']) \
+        == (0, 1)
+    assert [d.winner for d in rig.sink.decisions] == ['local', None]
+
+
+def test_a_model_answering_the_wrong_number_of_images_counts_as_failing():
+    rig = Rig(deadline_ms=100.0)
+    rig.engine = SpeculativeEngine(rig.detector, identity, rig.sink, clock=rig.clock,
+                                   local_model='ssd:1')
+    short = ScriptedDetector(rig.clock)
+    short.detect_batch = lambda images: []  # type: ignore[method-assign]
+    rig.engine.swap_local(short, 'ssd:short', probation_frames=5)
+    rig.engine.submit('front', IMAGE, rig.clock(), 'f', 'front')
+    rig.engine.submit('rear', IMAGE, rig.clock(), 'r', 'rear')
+    rig.engine.process(timeout_s=0)
+    assert [f.local_model for f, _ in rig.sink.settled_frames] == ['ssd:1', 'ssd:1']
+    assert rig.engine.counters['local_model_rollbacks'] == 1

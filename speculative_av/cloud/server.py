@@ -4,6 +4,13 @@ Serve a torchvision detector over gRPC, as the data center side of speculative e
 Run ``python -m speculative_av.cloud.server --help``. Once listening it prints one line,
 ``cloud_server listening on HOST:PORT``, to stdout; the health service reports SERVING once the
 model is loaded. SIGTERM or SIGINT stops it cleanly with exit code 0.
+
+Over-the-air model updates: started with ``--model-manifest`` (a signed release,
+:mod:`speculative_av.fleet.model_manifest`) and ``--trusted-keys``, the server re-reads the
+manifest on SIGHUP, verifies it, loads and warms the model up beside the one serving, then swaps
+it in between batches: no restart, no refused request. Each reply names the model that produced
+it (a batch runs wholly on one model). A failed update is logged and counted; the current model
+goes on serving.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ from speculative_av.cloud.server_metrics import ServerMetrics
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import (BACKENDS, detection_models,
                                                            TorchvisionDetector)
+from speculative_av.fleet.model_manifest import load_public_keys, verify_manifest
+from speculative_av.fleet.released_model import load_released
 
 _LOG = logging.getLogger('cloud_server')
 _Request = TypeVar('_Request', bound=Message)
@@ -134,6 +143,18 @@ _REPLIES = {
 }
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """The detector serving now and the name and version its replies carry."""
+
+    detector: TorchvisionDetector
+    name: str
+    version: str
+
+
+Answer = tuple[Detections, ServedModel]  # a request's detections and the model that made them
+
+
 class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
     """
     Answer Detect through a deadline-aware batch scheduler around one detector.
@@ -147,8 +168,9 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
                  extra_latency_ms: float = 0.0) -> None:
         """Create the service; Detect answers UNAVAILABLE until :meth:`set_detector`."""
         self.options = options
-        self._detector: TorchvisionDetector | None = None
-        self._scheduler: BatchScheduler[npt.NDArray[np.uint8], Detections] | None = None
+        self._model: ServedModel | None = None
+        self._scheduler: BatchScheduler[npt.NDArray[np.uint8], Answer] | None = None
+        self.model_swaps = 0
         self._extra_latency_s = extra_latency_ms / 1e3
         self.max_detect_calls = options.max_detect_calls
         self._lock = threading.Lock()
@@ -160,16 +182,39 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         scheduler = self._scheduler
         return 0 if scheduler is None else scheduler.queue_depth
 
-    def set_detector(self, detector: TorchvisionDetector, estimate: InferenceEstimate) -> None:
-        """Start answering with ``detector``; ``estimate`` is its measured inference time."""
+    def set_detector(self, detector: TorchvisionDetector, estimate: InferenceEstimate,
+                     name: str = '', version: str = '') -> None:
+        """
+        Answer with ``detector`` from the next batch on; ``estimate`` is its inference time.
+
+        Replies name it ``name`` ``version`` (by default the detector's own). The first call
+        starts the scheduler, seeded with ``estimate``; a later one is a swap: batches in progress
+        finish on the model they started with, and the scheduler's estimate learns the new
+        model's times from its batches.
+        """
+        self._model = ServedModel(detector, name or detector.model_name,
+                                  version or detector.model_version)
+        if self._scheduler is not None:
+            self.model_swaps += 1
+            return
         options = self.options
-        queue: DeadlineQueue[npt.NDArray[np.uint8], Detections] = DeadlineQueue(
+        queue: DeadlineQueue[npt.NDArray[np.uint8], Answer] = DeadlineQueue(
             options.policy, max_queue=options.max_queue, max_batch_size=options.max_batch_size,
             max_queue_delay_s=options.max_queue_delay_ms / 1e3, workers=options.concurrency,
             estimate=estimate)
-        self._scheduler = BatchScheduler(detector.detect_batch, queue,
-                                         on_batch=self.metrics.batch, name='inference')
-        self._detector = detector
+        self._scheduler = BatchScheduler(self._infer, queue, on_batch=self.metrics.batch,
+                                         name='inference')
+
+    @property
+    def model(self) -> ServedModel | None:
+        """Return the model serving now (None while loading)."""
+        return self._model
+
+    def _infer(self, images: list[npt.NDArray[np.uint8]]) -> list[Answer]:
+        """Run one batch on the model serving now (read once: the whole batch is its)."""
+        model = self._model
+        assert model is not None  # the scheduler starts with the first model
+        return [(detections, model) for detections in model.detector.detect_batch(images)]
 
     def close(self) -> None:
         """Answer queued requests UNAVAILABLE and stop the inference threads."""
@@ -189,8 +234,8 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         if isinstance(request, MalformedRequest):
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
                        f'malformed DetectRequest: {request.reason}')
-        detector, scheduler = self._detector, self._scheduler
-        if detector is None or scheduler is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             self._fail(context, 'unavailable', grpc.StatusCode.UNAVAILABLE, 'model is loading')
         with self._lock:
             admitted = self._detect_calls < self.max_detect_calls
@@ -200,13 +245,12 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
             self._fail(context, 'refused', grpc.StatusCode.RESOURCE_EXHAUSTED,
                        f'{self.max_detect_calls} Detect calls in progress')
         try:
-            return self._detect(detector, scheduler, request, context, receive_unix_ns)
+            return self._detect(scheduler, request, context, receive_unix_ns)
         finally:
             with self._lock:
                 self._detect_calls -= 1
 
-    def _detect(self, detector: TorchvisionDetector,
-                scheduler: BatchScheduler[npt.NDArray[np.uint8], Detections],
+    def _detect(self, scheduler: BatchScheduler[npt.NDArray[np.uint8], Answer],
                 request: detection_pb2.DetectRequest, context: _Context,
                 receive_unix_ns: int) -> detection_pb2.DetectResponse:
         """Serve one admitted Detect call; a request that would be refused is not decoded."""
@@ -231,9 +275,10 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         if outcome.status != Status.OK or outcome.result is None:
             self._fail(context, outcome.status.value, _REPLIES[outcome.status], outcome.detail)
         self.metrics.queued(outcome.queue_s)
+        detections, model = outcome.result
         response = codec.detections_to_response(
-            codec.to_original_coordinates(outcome.result, request, rgb.shape[1], rgb.shape[0]),
-            model_name=detector.model_name, model_version=detector.model_version,
+            codec.to_original_coordinates(detections, request, rgb.shape[1], rgb.shape[0]),
+            model_name=model.name, model_version=model.version,
             server_receive_unix_ns=receive_unix_ns, queue_ms=outcome.queue_s * 1e3,
             decode_ms=(decoded - start) * 1e3, inference_ms=outcome.inference_s * 1e3)
         response.batch_size = outcome.batch_size
@@ -251,11 +296,12 @@ class DetectionService(detection_pb2_grpc.CloudDetectorServicer):
         if isinstance(request, MalformedRequest):
             self._fail(context, 'invalid', grpc.StatusCode.INVALID_ARGUMENT,
                        f'malformed ModelInfoRequest: {request.reason}')
-        detector = self._detector
-        if detector is None:
+        model = self._model
+        if model is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, 'model is loading')
+        detector = model.detector
         return detection_pb2.ModelInfo(
-            model_name=detector.model_name, model_version=detector.model_version,
+            model_name=model.name, model_version=model.version,
             categories=detector.categories, device=detector.device,
             score_threshold=detector.score_threshold)
 
@@ -307,9 +353,57 @@ def add_to_server(service: DetectionService, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> int:
+def load_model(args: argparse.Namespace) -> ServedModel:
+    """
+    Load what the command line names: the verified release of --model-manifest, else --model.
+
+    Raises ValueError (ManifestError for a release that does not verify), RuntimeError, OSError.
+    """
+    if not args.model_manifest:
+        detector = TorchvisionDetector(args.model, args.weights, args.device,
+                                       args.score_threshold, args.threads, backend=args.backend)
+        return ServedModel(detector, detector.model_name, detector.model_version)
+    manifest = verify_manifest(args.model_manifest, load_public_keys(args.trusted_keys))
+    detector = load_released(manifest, device=args.device, score_threshold=args.score_threshold,
+                             threads=args.threads, backend=args.backend)
+    return ServedModel(detector, manifest.name, manifest.version)
+
+
+def _reload_on_request(args: argparse.Namespace, service: DetectionService,
+                       reload: threading.Event, stop: threading.Event) -> None:
+    """
+    On its own thread: each time ``reload`` is set, verify, load and warm up, then swap.
+
+    Every failure is logged and counted; the model serving goes on. Ends when ``stop`` is set.
+    """
+    failures = 0
+    while not stop.is_set():
+        reload.wait()
+        reload.clear()
+        if stop.is_set():
+            return
+        try:
+            began = time.perf_counter()
+            model = load_model(args)
+            loaded = time.perf_counter()
+            estimate = warm_up(model.detector, args.max_batch_size)
+            service.set_detector(model.detector, estimate, model.name, model.version)
+            _LOG.info('now serving %s %s (verified and loaded in %.0f ms, warmed up in %.0f ms; '
+                      '%d swaps so far)', model.name, model.version, (loaded - began) * 1e3,
+                      (time.perf_counter() - loaded) * 1e3, service.model_swaps)
+        except Exception as exc:  # noqa: B902 (a bad release must not end the reloads)
+            failures += 1
+            _LOG.error('model update from %s refused (%d so far); still serving the current '
+                       'model: %s', args.model_manifest, failures, exc)
+
+
+def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO,
+          reload: threading.Event | None = None) -> int:
     """
     Listen, load the model, serve until ``stop`` is set; return the exit code.
+
+    With a ``--model-manifest``, setting ``reload`` (SIGHUP does) swaps in the release the
+    manifest names now.
 
     The listening line goes to ``announce``, the only thing ever written there. Without TLS
     and without ``--insecure`` it refuses to start (exit code 2).
@@ -360,22 +454,30 @@ def serve(args: argparse.Namespace, stop: threading.Event, announce: TextIO) -> 
             return 1
         _LOG.info('metrics on http://%s:%d/metrics', address, metrics_port)
     try:
-        detector = TorchvisionDetector(args.model, args.weights, args.device,
-                                       args.score_threshold, args.threads, backend=args.backend)
+        model = load_model(args)
     except (ValueError, RuntimeError, OSError) as exc:
-        _LOG.error('could not load %s: %s', args.model, exc)
+        _LOG.error('could not load %s: %s', args.model_manifest or args.model, exc)
         server.stop(None)
         service.close()
         return 1
-    service.set_detector(detector, warm_up(detector, args.max_batch_size))
+    detector = model.detector
+    service.set_detector(detector, warm_up(detector, args.max_batch_size), model.name,
+                         model.version)
     for name in ('', SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     _LOG.info('serving %s (%s) on %s with %d inference slot(s), %s scheduling, batches of up '
               'to %d (waiting up to %.0f ms), queue of %d, extra latency %.0f ms; %s',
-              detector.model_name, detector.model_version, detector.device, args.concurrency,
+              model.name, model.version, detector.device, args.concurrency,
               args.scheduling, args.max_batch_size, args.max_queue_delay_ms, args.max_queue,
               args.extra_latency_ms, security.description)
+    if reload is not None:
+        reloader = threading.Thread(target=_reload_on_request, name='model-reloader',
+                                    args=(args, service, reload, stop), daemon=True)
+        reloader.start()
     stop.wait()
+    if reload is not None:
+        reload.set()  # wakes the reloader, which sees stop and ends
+        reloader.join()
     health_service.enter_graceful_shutdown()
     server.stop(SHUTDOWN_GRACE_S).wait()
     service.close()
@@ -436,8 +538,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         'cached)')
     parser.add_argument('--log-level', default='INFO',
                         choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
+    parser.add_argument('--model-manifest', default='',
+                        help='a signed model release (model_release sign) to serve instead of '
+                        '--model/--weights; SIGHUP re-reads it and swaps the model in')
+    parser.add_argument('--trusted-keys', nargs='+', default=[],
+                        help='Ed25519 public keys (PEM) a --model-manifest must be signed with')
     add_server_arguments(parser)
     args = parser.parse_args(argv)
+    if args.model_manifest and not args.trusted_keys:
+        parser.error('--model-manifest needs --trusted-keys')
     if args.model not in detection_models():
         parser.error(f'--model {args.model!r} is not one of {", ".join(detection_models())}')
     return args
@@ -470,10 +579,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    reload = None
+    if args.model_manifest:
+        reload = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     # Keep stdout to the listening line: torch hub, for one, prints download progress there.
     announce, sys.stdout = sys.stdout, sys.stderr
     try:
-        return serve(args, stop, announce)
+        return serve(args, stop, announce, reload)
     finally:
         sys.stdout = announce
 

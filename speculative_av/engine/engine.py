@@ -14,6 +14,12 @@ arbiter call and every fused output happens under one lock, so fused results lea
 order, exactly once per processed frame. An exception while handling one frame is logged
 (throttled), counted as ``frame_errors`` and resolves that frame; a thread that dies anyway is
 reported through ``on_fatal``.
+
+The local detector can be swapped while frames flow (:meth:`~SpeculativeEngine.swap_local`, an
+over-the-air update): the worker reads it once per batch, so a batch runs wholly on one model,
+and each frame records the model that answered it (``Frame.local_model``). A new model is on
+probation for its first frames: should it raise on one, the engine goes back to the previous
+model and answers that same batch with it, so no frame is lost to a broken update.
 """
 from __future__ import annotations
 
@@ -77,6 +83,14 @@ class LocalDetector(Protocol):
         """Detect objects in several images with one forward pass."""
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """The on-board detector and how frames name it (``name:version``)."""
+
+    detector: LocalDetector
+    label: str
+
+
 FIXED_UPLINK = 'fixed'  # every frame encoded with jpeg_quality and max_image_side
 ADAPTIVE_UPLINK = 'adaptive'  # each frame's encoding chosen to arrive in time, or not sent
 UPLINKS = (FIXED_UPLINK, ADAPTIVE_UPLINK)
@@ -114,6 +128,7 @@ class Frame(Generic[Context]):
     outputs: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, Call] = field(default_factory=dict)
     request_bytes: int = 0  # of the encoded frame sent to the cloud (0: not sent)
+    local_model: str = ''  # name:version of the local model that answered it ('' until then)
 
     @property
     def deadline_ms(self) -> float:
@@ -176,7 +191,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
                  batch_cameras: bool = True, logger: Logger | None = None,
                  on_fatal: Callable[[str], None] | None = None,
                  history: SpeculativeEngine[Any, Any] | None = None,
-                 concurrent_send: bool = False) -> None:
+                 concurrent_send: bool = False, local_model: str = '') -> None:
         """
         Build the engine; nothing runs until :meth:`start` (or a hand-driven :meth:`process`).
 
@@ -190,9 +205,12 @@ class SpeculativeEngine(Generic[Raw, Context]):
         configure) carry on, so totals stay totals. With ``concurrent_send`` each frame is
         encoded and sent on a sender thread while the local detector runs (both release the
         GIL): the local result is ready that much sooner. Without it, sending comes first, on
-        the worker: deterministic under a manual clock.
+        the worker: deterministic under a manual clock. ``local_model`` is how frames name
+        ``detector`` (``name:version``).
         """
-        self.detector = detector
+        self._model = LocalModel(detector, local_model)
+        self._previous_model: LocalModel | None = None  # while the current one is on probation
+        self._probation_frames = 0
         self._to_rgb = to_rgb
         self._sink = sink
         self._cloud = cloud
@@ -217,7 +235,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self.counters: dict[str, int] = history.counters if history is not None else {
             'frames_received': 0, 'frames_processed': 0, 'invalid_images': 0, 'stale_frames': 0,
             'frame_errors': 0, 'clock_resets': 0, 'cloud_skipped': 0, 'cloud_skipped_uplink': 0,
-            'cloud_frames_sent': 0, 'cloud_bytes_sent': 0, 'local_batched_frames': 0}
+            'cloud_frames_sent': 0, 'cloud_bytes_sent': 0, 'local_batched_frames': 0,
+            'local_model_swaps': 0, 'local_model_rollbacks': 0}
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._running = False
@@ -235,6 +254,36 @@ class SpeculativeEngine(Generic[Raw, Context]):
         """Change settings for frames that start from now on; return the new settings."""
         self._settings = replace(self._settings, **changes)
         return self._settings
+
+    @property
+    def detector(self) -> LocalDetector:
+        """Return the local detector batches starting now run on."""
+        return self._model.detector
+
+    @property
+    def local_model(self) -> str:
+        """Return the name:version of the local model batches starting now run on."""
+        return self._model.label
+
+    def swap_local(self, detector: LocalDetector, label: str, probation_frames: int = 0) -> None:
+        """
+        Run batches starting from now on ``detector``; the batch in progress finishes on its own.
+
+        For its first ``probation_frames`` frames the model being replaced is kept: if the new
+        one raises on them, the engine rolls back to it (counted as ``local_model_rollbacks``)
+        and answers that batch with it. A swap during probation keeps the last model that
+        passed as the one to roll back to.
+        """
+        with self.lock:
+            if self._previous_model is None:
+                self._previous_model = self._model
+            self._model = LocalModel(detector, label)
+            self._probation_frames = probation_frames
+            if probation_frames <= 0:
+                self._previous_model = None
+            self.counters['local_model_swaps'] += 1
+        if self._log is not None:
+            self._log.info(f'local model is now {label}')
 
     @property
     def sources(self) -> list[str]:
@@ -467,24 +516,66 @@ class SpeculativeEngine(Generic[Raw, Context]):
     def _infer(self, started: list[_Started[Context]]) -> float | None:
         """Run the local detector and hand out its results; return its time (None: failed)."""
         inference_began = self._timer()
+        model = self._model  # once per batch: a swap meanwhile applies to the next batch
         try:
-            if len(started) > 1 and self._batch_cameras:
-                results = self.detector.detect_batch([s.rgb for s in started])
-                self.counters['local_batched_frames'] += len(started)
-            else:
-                results = [self.detector.detect(s.rgb) for s in started]
+            results = self._detect(model.detector, started)
         except Exception as error:  # noqa: B902 (one broken inference must not stop the node)
-            for race in started:
-                self._fail_frame(race, error)
-            return None
+            fallback = self._roll_back(model, error)
+            try:
+                if fallback is None:
+                    raise
+                model = fallback
+                results = self._detect(model.detector, started)
+            except Exception as final_error:  # noqa: B902 (as above)
+                for race in started:
+                    self._fail_frame(race, final_error)
+                return None
+        else:
+            self._passed_probation(model, len(started))
         inference_s = self._timer() - inference_began
         for race, detections in zip(started, results):
+            race.frame.local_model = model.label
             try:
                 self._sink.local(race.frame, detections)
                 self._apply(partial(self._arrive, race.key, LOCAL_SOURCE, detections))
             except Exception as error:  # noqa: B902 (the frame must still resolve)
                 self._fail_frame(race, error)
         return inference_s
+
+    def _detect(self, detector: LocalDetector,
+                started: list[_Started[Context]]) -> list[Detections]:
+        """Run ``detector`` over the started frames: one forward pass if batching cameras."""
+        if len(started) > 1 and self._batch_cameras:
+            results = detector.detect_batch([s.rgb for s in started])
+            with self.lock:
+                self.counters['local_batched_frames'] += len(started)
+        else:
+            results = [detector.detect(s.rgb) for s in started]
+        if len(results) != len(started):
+            raise ValueError(f'the local detector returned {len(results)} results for '
+                             f'{len(started)} images')
+        return results
+
+    def _roll_back(self, failed: LocalModel, error: BaseException) -> LocalModel | None:
+        """Return the previous model if ``failed`` is on probation (and restore it), else None."""
+        with self.lock:
+            previous = self._previous_model
+            if previous is None or self._model is not failed:
+                return None
+            self._model, self._previous_model = previous, None
+            self.counters['local_model_rollbacks'] += 1
+        if self._log is not None:
+            self._log.error(f'local model {failed.label} failed on probation ({error!r}); '
+                            f'rolled back to {previous.label}')
+        return previous
+
+    def _passed_probation(self, model: LocalModel, frames: int) -> None:
+        """Count frames the current model answered; past probation, let the previous go."""
+        with self.lock:
+            if self._previous_model is not None and self._model is model:
+                self._probation_frames -= frames
+                if self._probation_frames <= 0:
+                    self._previous_model = None
 
     def _fail_frame(self, race: _Started[Context], error: BaseException) -> None:
         """Count and log a frame's failure, cancel its calls and decide it now."""

@@ -1,1 +1,1 @@
-"""The fleet data engine: triggers, snippets, upload, model manifests (vehicle side and shared)."""
+"""The fleet data engine: triggers, snippets, upload, model manifests and updates."""

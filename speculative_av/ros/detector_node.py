@@ -24,6 +24,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, cast, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 import numpy.typing as npt
@@ -53,22 +54,29 @@ from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
                                           SpeculativeEngine)
+from speculative_av.engine.shadow import cloud_answer, ShadowRunner, ShadowSettings
+from speculative_av.fleet.model_manifest import (load_public_keys, ModelManifest,
+                                                 verify_manifest)
+from speculative_av.fleet.model_updater import ModelUpdater
 from speculative_av.fleet.recorder import TriggerRecorder
+from speculative_av.fleet.released_model import load_released
 from speculative_av.fleet.snippets import SnippetStore
 from speculative_av.fleet.triggers import TriggerSettings
 from speculative_av.fleet.uploader import SnippetSource, SnippetUploader, UploaderSettings
-from speculative_av.engine.shadow import cloud_answer, ShadowRunner, ShadowSettings
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
-                                         label_info_msg, shadow_status, source_status,
-                                         summary_status)
+                                         label_info_msg, model_update_status, shadow_status,
+                                         source_status, summary_status)
 from speculative_av.ros.parameters import declare
 from speculative_av.ros.trigger_parameters import declare_trigger_parameters, trigger_status
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
 # Parameters the engine reads per frame, settable at run time.
+# A new local model answers this many frames before the one it replaced is let go; should it fail
+# on one of them, the engine rolls back to that one.
+MODEL_PROBATION_FRAMES = 10
 RUNTIME_SETTINGS = ('deadline_ms', 'deadline_reference', 'cloud.enabled', 'cloud.jpeg_quality',
                     'cloud.max_image_side', 'cloud.uplink')
 
@@ -173,6 +181,15 @@ class SpeculativeDetector(LifecycleNode):
                 'Frames of several cameras waiting together go through the local detector in '
                 'one forward pass (torch backend; onnxruntime runs them one by one).',
                 read_only=True)
+        # Over-the-air model updates (README, "Over-the-air model updates").
+        declare(self, 'local.model_manifest', '',
+                "A signed model manifest (model_release sign); '' = local.model and "
+                'local.weights. Setting it at run time verifies, loads and warms the model up in '
+                'the background and swaps it in between frames; a failure keeps the current '
+                'model (logged, counted on /diagnostics).')
+        declare(self, 'local.trusted_keys', [''],
+                'Ed25519 public keys (PEM files) a model manifest must be signed with; none = '
+                'every manifest is refused.', read_only=True)
         declare(self, 'cloud.enabled', True, 'Send frames to the cloud endpoints.')
         declare(self, 'cloud.endpoints', ['localhost:50051'],
                 "Cloud detectors as '[name=]host:port[@priority]' (native protocol) or "
@@ -234,6 +251,8 @@ class SpeculativeDetector(LifecycleNode):
         self._cameras: dict[str, _Camera] = {}
         self._detector: TorchvisionDetector | None = None
         self._shadow: ShadowRunner | None = None
+        self._updater: ModelUpdater[TorchvisionDetector] | None = None
+        self._trusted_keys: list[Ed25519PublicKey] = []
         self._diagnostics_timer: Timer | None = None
         self._recorder: TriggerRecorder | None = None
         # Upload (issue 10): the trigger recorder's SnippetStore, set at configure when
@@ -384,13 +403,23 @@ class SpeculativeDetector(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the local model, connect to the cloud endpoints, create publishers."""
         try:
-            threads = self.get_parameter('local.threads').value
             settings = self.settings
-            self._detector = TorchvisionDetector(
-                self.get_parameter('local.model').value, self.get_parameter('local.weights').value,
-                self.get_parameter('local.device').value,
-                self.get_parameter('local.score_threshold').value, threads=threads or None,
-                backend=self.get_parameter('local.backend').value)
+            self._trusted_keys = load_public_keys(
+                [k for k in self.get_parameter('local.trusted_keys').value if k])
+            manifest_path = self.get_parameter('local.model_manifest').value
+            if manifest_path:
+                manifest = verify_manifest(manifest_path, self._trusted_keys)
+                self._detector = self._load_released(manifest, None)
+                model_label = manifest.label
+            else:
+                threads = self.get_parameter('local.threads').value
+                self._detector = TorchvisionDetector(
+                    self.get_parameter('local.model').value,
+                    self.get_parameter('local.weights').value,
+                    self.get_parameter('local.device').value,
+                    self.get_parameter('local.score_threshold').value, threads=threads or None,
+                    backend=self.get_parameter('local.backend').value)
+                model_label = f'{self._detector.model_name}:{self._detector.model_version}'
             # Endpoints are connected at configure only if the cloud is enabled then.
             specs: list[EndpointSpec] = (
                 parse_endpoints(self.get_parameter('cloud.endpoints').value)
@@ -448,9 +477,14 @@ class SpeculativeDetector(LifecycleNode):
             clock=self._now_ns, stamp_backstep_tolerance_ns=tolerance_ns,
             logger=self.get_logger(), on_fatal=lambda _: self._fatal_guard.trigger(),
             history=self.engine, concurrent_send=True,
-            batch_cameras=self.get_parameter('local.batch_cameras').value)
+            batch_cameras=self.get_parameter('local.batch_cameras').value,
+            local_model=model_label)
+        self._updater = ModelUpdater(
+            lambda path: verify_manifest(path, self._trusted_keys),
+            lambda manifest: self._load_released(manifest, detector.categories),
+            self._install_model, self.get_logger())
         self.get_logger().info(
-            f'local detector {detector.model_name} ({detector.model_version}) on '
+            f'local detector {model_label} ({detector.model_name}) on '
             f'{detector.device}; cloud: '
             + (', '.join(f'{s.name}={s.target}@{s.priority}' for s in specs) or 'disabled'))
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -559,6 +593,9 @@ class SpeculativeDetector(LifecycleNode):
 
     def close(self) -> None:
         """Stop the engine and the cloud channels; safe after the ROS context has shut down."""
+        if self._updater is not None:
+            self._updater.close()
+            self._updater = None
         if self.engine is not None:
             still_open = self.engine.describe_open()
             if still_open:
@@ -606,6 +643,11 @@ class SpeculativeDetector(LifecycleNode):
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Apply run-time settings to frames that start from now on; reject invalid values."""
+        for parameter in parameters:
+            if parameter.name == 'local.model_manifest':
+                result = self._on_model_manifest(parameter.value)
+                if not result.successful:
+                    return result
         changes = {p.name: p.value for p in parameters if p.name in RUNTIME_SETTINGS}
         if not changes:
             return SetParametersResult(successful=True)
@@ -617,6 +659,36 @@ class SpeculativeDetector(LifecycleNode):
         if self.engine is not None:
             self.engine.update(**vars(settings))
         return SetParametersResult(successful=True)
+
+    # Over-the-air model updates ------------------------------------------------------------
+
+    def _on_model_manifest(self, path: Any) -> SetParametersResult:
+        """Accept a manifest for a background update; its outcome goes to the log, diagnostics."""
+        if not isinstance(path, str):
+            return SetParametersResult(successful=False, reason='a manifest path is a string')
+        if not path or self._updater is None:  # not configured yet: configure loads it
+            return SetParametersResult(successful=True)
+        if not self._trusted_keys:
+            return SetParametersResult(
+                successful=False, reason='local.trusted_keys is empty: no manifest can verify')
+        self._updater.request(path)
+        return SetParametersResult(successful=True)
+
+    def _load_released(self, manifest: ModelManifest,
+                       categories: list[str] | None) -> TorchvisionDetector:
+        threads = self.get_parameter('local.threads').value
+        return load_released(manifest, device=self.get_parameter('local.device').value,
+                             score_threshold=self.get_parameter('local.score_threshold').value,
+                             threads=threads or None,
+                             backend=self.get_parameter('local.backend').value,
+                             categories=categories)
+
+    def _install_model(self, detector: TorchvisionDetector, manifest: ModelManifest) -> None:
+        """On the updater's thread: swap the warmed-up model in between frames."""
+        assert self.engine is not None
+        self.engine.swap_local(detector, manifest.label, MODEL_PROBATION_FRAMES)
+        self._detector = detector
+        gc.freeze()  # the new model's objects, like the first's, stay out of collections
 
     # Frames in, results out (the engine's sink) ------------------------------------------
 
@@ -662,11 +734,10 @@ class SpeculativeDetector(LifecycleNode):
         """Publish the frame's account on speculation/decisions, with its own deadline."""
         assert self.engine is not None
         self._decisions.publish(decision_status(record, frame.frame_id, frame.deadline_ms,
-                                                self.engine.sources[1:]))
-        if self._recorder is not None and self._detector is not None:
+                                                self.engine.sources[1:], frame.local_model))
+        if self._recorder is not None:
             self._recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id, frame.rgb, record,
-                                 self.engine.sources[1:], f'{self._detector.model_name}:'
-                                 f'{self._detector.model_version}')
+                                 self.engine.sources[1:], frame.local_model)
         if self._shadow is not None:
             self._shadow.settled((frame.camera, frame.stamp_ns),
                                  cloud_answer(record, LOCAL_SOURCE))
@@ -715,6 +786,11 @@ class SpeculativeDetector(LifecycleNode):
         if self._shadow is not None:
             statuses.append(shadow_status(self.get_name(), self._shadow.name,
                                           self._shadow.snapshot(), self._shadow.fatal))
+        if self._updater is not None:
+            statuses.append(model_update_status(
+                self.get_name(), engine.local_model, self._updater.counters,
+                self._updater.times, self._updater.last_error,
+                {k: int(counters[f'local_model_{k}']) for k in ('swaps', 'rollbacks')}))
         self._diagnostics.publish(DiagnosticArray(
             header=Header(stamp=self.get_clock().now().to_msg()), status=statuses))
 

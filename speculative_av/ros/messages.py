@@ -16,6 +16,7 @@ import numpy.typing as npt
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections
 from speculative_av.core.stats import SourceStats
+from speculative_av.fleet.model_updater import UpdateTimes
 from std_msgs.msg import Header
 from vision_msgs.msg import (Detection2D, Detection2DArray, LabelInfo, ObjectHypothesisWithPose,
                              VisionClass)
@@ -78,8 +79,12 @@ def _seconds(ns: int) -> str:
 
 
 def decision_status(record: FrameRecord, frame_id: str, deadline_budget_ms: float,
-                    cloud_sources: Sequence[str]) -> DiagnosticStatus:
-    """Return one frame's arbitration outcome: who won, who arrived when, whether it was late."""
+                    cloud_sources: Sequence[str], local_model: str = '') -> DiagnosticStatus:
+    """
+    Return one frame's arbitration outcome: who won, who arrived when, whether it was late.
+
+    ``local_model`` names the local model that answered the frame (``name:version``).
+    """
     decision = record.decision
     winner = decision.winner
     kind = 'none' if winner is None else ('local' if winner == LOCAL_SOURCE else 'cloud')
@@ -97,6 +102,7 @@ def decision_status(record: FrameRecord, frame_id: str, deadline_budget_ms: floa
             None if winner is None or (ready := record.attempts[winner].finished_ns) is None
             else (ready - decision.deadline_ns) / 1e6),
         'detections': str(len(decision.detections)),
+        'local_model': local_model,
     }
     for name, attempt in record.attempts.items():
         values[f'source.{name}'] = attempt.state.value + (f': {attempt.error}'
@@ -138,6 +144,22 @@ def summary_status(node_name: str, counters: Mapping[str, int | float],
         message=(f'{fatal}; ' if fatal else '')
         + ', '.join(f'{k} {v}' for k, v in counters.items()),
         values=[KeyValue(key=k, value=str(v)) for k, v in counters.items()])
+
+
+def model_update_status(node_name: str, model: str, updates: Mapping[str, int],
+                        times: UpdateTimes, last_error: str,
+                        engine_counters: Mapping[str, int]) -> DiagnosticStatus:
+    """Return the local model in use and how over-the-air updates went (WARN after a failure)."""
+    values = {'model': model, **{f'updates_{k}': str(v) for k, v in updates.items()},
+              'swaps': str(engine_counters['swaps']),
+              'rollbacks': str(engine_counters['rollbacks']),
+              'last_verify_ms': f'{times.verify_ms:.1f}', 'last_load_ms': f'{times.load_ms:.1f}',
+              'last_warm_up_ms': f'{times.warm_up_ms:.1f}', 'last_error': last_error}
+    level = DiagnosticStatus.WARN if last_error else DiagnosticStatus.OK
+    return DiagnosticStatus(level=level, name=f'{node_name}: local model', hardware_id=node_name,
+                            message=model + (f'; last update refused: {last_error}'
+                                             if last_error else ''),
+                            values=[KeyValue(key=k, value=v) for k, v in values.items()])
 
 
 _SOURCE_COLORS = {'local': (255, 170, 0), 'cloud': (0, 200, 255)}
