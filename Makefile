@@ -6,7 +6,7 @@ export SPECULATIVE_AV_VENV := $(VENV)
 # A Python from another ROS-wheels venv exports this guard; inheriting it breaks ours.
 PY := env -u _ROS_WHEELS_BOOTSTRAP_COMPLETE $(VENV)/bin/python
 
-.PHONY: env test launch-check benchmark demo evaluation mutation lock triton-env triton-server fleet-table
+.PHONY: env test launch-check benchmark demo evaluation data-engine mutation lock triton-env triton-server fleet-table
 
 env:
 	@tools/bootstrap.sh
@@ -38,6 +38,12 @@ evaluation: env
 	test -d out/eval_recording || \
 	    $(PY) -m speculative_av.tools.make_recording out/eval_recording --frames 200 --seed 11
 	$(PY) -m speculative_av.tools.evaluate out/eval_recording $(EVALUATE_ARGS)
+
+# The fleet data engine's whole loop (README "The fleet data engine"): drive A mined for
+# triggered snippets, uploaded, curated, a fine-tuned candidate gated per condition, swapped
+# over the air into a running node, improvement measured on drive B. Writes out/data_engine/.
+data-engine: env
+	$(PY) -m speculative_av.tools.data_engine $(DATA_ENGINE_ARGS)
 
 # Mutation testing of speculative_av/core/ against its fast unit tests (setup.cfg [mutmut];
 # README, "Mutation testing"): ~5 min on one core. Starts from a clean mutants/ each time, so

@@ -407,3 +407,25 @@ def test_among_equal_priorities_the_first_arrival_counts_and_the_rest_are_cancel
     arbiter.arrive(key, 'cloud', dets(2), 15 * MS)  # arrived before its cancellation took
     [decision] = arbiter.fail(key, 'datacenter', 20 * MS, 'UNAVAILABLE').decisions
     assert (decision.winner, decision.detections.labels.tolist()) == ('edge', [3])
+
+
+def test_the_cloud_answer_is_the_winning_cloud_result_else_the_first_to_arrive(arbiter):
+    key = open_frame(arbiter, (LOCAL, EDGE, DATACENTER))
+    arbiter.arrive(key, 'edge', dets(3), 10 * MS)
+    arbiter.arrive(key, 'datacenter', dets(4), 30 * MS)
+    [record] = arbiter.arrive(key, 'local', dets(1), 40 * MS).settled
+    assert record.cloud_answer(['edge', 'datacenter'])[0] == 'datacenter'  # it won
+    key = open_frame(arbiter, (LOCAL, EDGE, DATACENTER), stamp_ms=200)
+    arbiter.arrive(key, 'local', dets(1), 210 * MS)
+    arbiter.tick(300 * MS)  # local wins; the cloud answers come late, but they come
+    arbiter.arrive(key, 'datacenter', dets(4), 330 * MS)
+    [record] = arbiter.arrive(key, 'edge', dets(3), 320 * MS).settled
+    name, answer = record.cloud_answer(['edge', 'datacenter'])
+    assert name == 'edge' and answer is not None and answer.labels.tolist() == [3]
+    assert record.cloud_answer(['datacenter']) == ('datacenter', record.attempts[
+        'datacenter'].detections)
+    key = open_frame(arbiter, (LOCAL, CLOUD), stamp_ms=400)
+    arbiter.arrive(key, 'local', dets(1), 410 * MS)
+    arbiter.tick(500 * MS)
+    [record] = arbiter.fail(key, 'cloud', 510 * MS, 'UNAVAILABLE').settled
+    assert record.cloud_answer(['cloud']) == ('', None)

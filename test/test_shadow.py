@@ -13,7 +13,7 @@ from ros_harness import wait_until
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections, label_mapping
 from speculative_av.engine.engine import Frame, LOCAL_SOURCE
-from speculative_av.engine.shadow import (cloud_answer, DUSK_BELOW, image_brightness,
+from speculative_av.engine.shadow import (DUSK_BELOW, image_brightness,
                                           image_period, NIGHT_BELOW, ShadowRunner,
                                           ShadowSettings)
 from speculative_av.tools import period_calibration as calibration
@@ -229,7 +229,8 @@ class ShadowedSink(RecordingSink):
 
     def settled(self, frame: Frame[str], record: FrameRecord) -> None:
         super().settled(frame, record)
-        self.shadow.settled((frame.camera, frame.stamp_ns), cloud_answer(record, LOCAL_SOURCE))
+        cloud_sources = [name for name in record.attempts if name != LOCAL_SOURCE]
+        self.shadow.settled((frame.camera, frame.stamp_ns), record.cloud_answer(cloud_sources)[1])
 
 
 def _drive(rig: Rig, shadow: ShadowRunner | None) -> None:
@@ -281,7 +282,7 @@ def test_cloud_answer_is_the_most_trusted_arrived_cloud_result():
     rig.call('far').reply(TWO_CARS)
     rig.at_ms(150, stamp)
     record = rig.sink.settled_frames[-1][1]
-    answer = cloud_answer(record, LOCAL_SOURCE)
+    answer = record.cloud_answer(['near', 'far'])[1]
     assert answer is not None and same(answer, TWO_CARS)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Sequence
 
 from speculative_av.core.detections import Detections
 
@@ -100,6 +101,23 @@ class FrameRecord:
             return None
         assert attempt.finished_ns is not None
         return (attempt.finished_ns - self.start_ns) / 1e6
+
+    def cloud_answer(self, cloud_sources: Sequence[str]) -> tuple[str, Detections | None]:
+        """
+        Return the cloud's answer to the frame: (source, detections), or ('', None) if none came.
+
+        The winner if a cloud source won, else the first to arrive: late answers count, since
+        for triggers and shadow mode the cloud is the teacher, in time or not.
+        """
+        arrived = [(name, self.attempts[name]) for name in cloud_sources
+                   if name in self.attempts and self.attempts[name].state is SourceState.ARRIVED]
+        if not arrived:
+            return '', None
+        for name, attempt in arrived:
+            if name == self.decision.winner:
+                return name, attempt.detections
+        name, attempt = min(arrived, key=lambda item: item[1].finished_ns or 0)
+        return name, attempt.detections
 
     def missed_deadline(self, source: str) -> bool:
         """Return whether ``source`` was tried and had nothing by the deadline."""

@@ -23,7 +23,6 @@ from typing import Any, Callable, Hashable, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from speculative_av.core.arbiter import FrameRecord, SourceState
 from speculative_av.core.detections import Detections
 from speculative_av.core.matching import match
 
@@ -56,14 +55,6 @@ def image_period(rgb: Image, night_below: float = NIGHT_BELOW,
     """Return 'day', 'dusk' or 'night', estimated from the image's brightness alone."""
     brightness = image_brightness(rgb)
     return 'night' if brightness < night_below else 'dusk' if brightness < dusk_below else 'day'
-
-
-def cloud_answer(record: FrameRecord, local_source: str) -> Detections | None:
-    """Return the most trusted cloud result that arrived for a settled frame (None: none did)."""
-    arrived = [a for name, a in record.attempts.items()
-               if name != local_source and a.state is SourceState.ARRIVED]
-    best = max(arrived, key=lambda a: a.source.priority, default=None)
-    return best.detections if best is not None else None
 
 
 class Candidate(Protocol):

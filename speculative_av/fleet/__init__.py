@@ -1,1 +1,1 @@
-"""The fleet data engine: triggers, snippets, upload, model manifests and updates."""
+"""The fleet data engine: triggers, snippets, upload, signed model releases and updates."""

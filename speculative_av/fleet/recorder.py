@@ -22,7 +22,7 @@ from speculative_av.cloud.codec import encode_frame
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections
 from speculative_av.fleet.snippets import Snippet, SnippetStore
-from speculative_av.fleet.triggers import (cloud_missed_deadline, cloud_result, RateLimiter,
+from speculative_av.fleet.triggers import (cloud_missed_deadline, RateLimiter,
                                            REASONS, TriggerRules, TriggerSettings)
 
 ERROR_LOG_INTERVAL_S = 1.0
@@ -99,7 +99,7 @@ class TriggerRecorder:
         local_attempt = record.attempts.get('local')
         local = (local_attempt.detections if local_attempt is not None
                  and local_attempt.detections is not None else Detections.empty())
-        cloud_name, cloud = cloud_result(record, cloud_sources)
+        cloud_name, cloud = record.cloud_answer(cloud_sources)
         reasons = self.rules.reasons(local, cloud, cloud_missed_deadline(record, cloud_sources))
         if not reasons:
             return reasons

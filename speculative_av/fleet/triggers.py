@@ -13,7 +13,7 @@ import math
 from typing import Sequence
 
 import numpy as np
-from speculative_av.core.arbiter import FrameRecord, SourceState
+from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections
 from speculative_av.core.matching import match
 
@@ -134,27 +134,6 @@ def _any_of(labels: np.ndarray, wanted: np.ndarray | None) -> bool:
     if wanted is None:
         return len(labels) > 0
     return bool(np.isin(labels, wanted).any())
-
-
-def cloud_result(record: FrameRecord,
-                 cloud_sources: Sequence[str]) -> tuple[str, Detections | None]:
-    """
-    Return the cloud's answer to a settled frame: (source name, detections) or ('', None).
-
-    Of several endpoints that answered, the winner if it is one, else the first to arrive
-    (late answers count: the cloud is the teacher, in time or not).
-    """
-    arrived = [(name, record.attempts[name]) for name in cloud_sources
-               if name in record.attempts
-               and record.attempts[name].state is SourceState.ARRIVED]
-    if not arrived:
-        return '', None
-    winner = record.decision.winner
-    for name, attempt in arrived:
-        if name == winner:
-            return name, attempt.detections
-    name, attempt = min(arrived, key=lambda item: item[1].finished_ns or 0)
-    return name, attempt.detections
 
 
 def cloud_missed_deadline(record: FrameRecord, cloud_sources: Sequence[str]) -> bool:

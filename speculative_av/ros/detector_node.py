@@ -54,7 +54,7 @@ from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
                                           SpeculativeEngine)
-from speculative_av.engine.shadow import cloud_answer, ShadowRunner, ShadowSettings
+from speculative_av.engine.shadow import ShadowRunner, ShadowSettings
 from speculative_av.fleet.model_manifest import (load_public_keys, ModelManifest,
                                                  verify_manifest)
 from speculative_av.fleet.model_updater import ModelUpdater
@@ -740,7 +740,7 @@ class SpeculativeDetector(LifecycleNode):
                                  self.engine.sources[1:], frame.local_model)
         if self._shadow is not None:
             self._shadow.settled((frame.camera, frame.stamp_ns),
-                                 cloud_answer(record, LOCAL_SOURCE))
+                                 record.cloud_answer(self.engine.sources[1:])[1])
 
     # Supervision and diagnostics ---------------------------------------------------------
 
