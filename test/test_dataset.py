@@ -56,7 +56,7 @@ def test_write_refuses_bad_boxes_and_leaves_nothing(tmp_path: Path, jpeg: bytes,
 
 
 def test_write_refuses_non_jpeg_oversize_and_existing_targets(tmp_path: Path,
-                                                             jpeg: bytes) -> None:
+                                                              jpeg: bytes) -> None:
     with pytest.raises(ValueError, match='jpeg'):
         write_dataset(tmp_path / 'a', [_sample(b'\x89PNG not a jpeg')], CATEGORIES, {})
     with pytest.raises(ValueError, match='JPEG bytes'):

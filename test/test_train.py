@@ -143,7 +143,7 @@ def test_committed_checkpoints_heldout_accuracy_and_cpu_latency() -> None:
 
 @pytest.fixture(scope='module')
 def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-image curated set: generated frames with their ground truth as the labels."""
+    """Write a two-image curated set: generated frames with their ground truth as labels."""
     scenes = [generate_scene(seed, 320, 240) for seed in (3, 4)]
     samples = [Sample(encode_jpeg(s.image), s.boxes, s.labels, {'seed': seed})
                for seed, s in zip((3, 4), scenes)]
@@ -175,7 +175,8 @@ def test_fine_tuning_from_a_checkpoint_on_a_curated_set(smoke_checkpoint: Path, 
     assert meta['train_seeds'] == [0, 3] and meta['heldout_metrics'] == {}
     before = torch.load(smoke_checkpoint, weights_only=True)['model']
     after = torch.load(out, weights_only=True)['model']
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert any(not torch.equal(before[k], after[k])
+               for k in before if before[k].is_floating_point())
     detections = detector.detect(generate_scene(1, 320, 240).image)
     assert set(detections.labels.tolist()) <= set(range(1, len(CATEGORIES)))
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import math
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -107,7 +107,7 @@ def run_detectors(detectors: Mapping[str, Detect], drives: HeldoutDrives,
     """
     truths: list[FrameTruth] = []
     predictions: dict[str, list[Detections]] = {name: [] for name in detectors}
-    seconds = {name: 0.0 for name in detectors}
+    seconds = dict.fromkeys(detectors, 0.0)
     for seed in drives.seeds:
         for scene in render_drive(seed, drives.frames, drives.width, drives.height, drives.fps):
             truths.append(FrameTruth(scene.ground_truth(), scene.visible, scene.period))
@@ -188,11 +188,12 @@ class GateVerdict:
     min_boxes: int
 
     def as_dict(self) -> dict:
-        """Return plain data (JSON-ready; nan stays nan, as Python's json writes NaN)."""
+        """Return plain data, strict-JSON ready (an undefined mAP is None)."""
         return {'accepted': self.accepted, 'reasons': list(self.reasons),
                 'tolerance': self.tolerance, 'min_boxes': self.min_boxes,
-                'rows': [{'condition': r.name, 'boxes': r.boxes, 'before': r.before,
-                          'after': r.after, 'change': r.change, 'status': r.status}
+                'rows': [{'condition': r.name, 'boxes': r.boxes, 'before': _defined(r.before),
+                          'after': _defined(r.after), 'change': _defined(r.change),
+                          'status': r.status}
                          for r in (self.total, *self.conditions)]}
 
 
@@ -257,14 +258,10 @@ def _class_ap(evaluation: COCOeval, position: int) -> float:
     return float(valid.mean()) if valid.size else math.nan
 
 
+def _defined(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def _stat(value: float) -> float:
     """Map pycocotools' -1 (nothing to score) to nan."""
     return math.nan if value < 0 else float(value)
-
-
-def periods_of(truths: Iterable[FrameTruth]) -> dict[str, int]:
-    """Return how many frames each time of day has."""
-    counts = {period: 0 for period in world.PERIODS}
-    for truth in truths:
-        counts[truth.period] += 1
-    return counts

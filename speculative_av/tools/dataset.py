@@ -23,12 +23,12 @@ import math
 import os
 from pathlib import Path
 import shutil
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 import simplejpeg
-from speculative_av.core.image_decoding import check_size, decode_rgb, declared_size
+from speculative_av.core.image_decoding import check_size, declared_size, decode_rgb
 
 FORMAT = 'speculative_av.dataset'
 VERSION = 1
@@ -265,7 +265,7 @@ def _check_boxes(boxes: object, labels: object, width: int, height: int, classes
                              'image')
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 

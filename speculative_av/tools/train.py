@@ -1,4 +1,4 @@
-"""
+r"""
 Train a torchvision detector on driving scenes generated on the fly; CPU friendly.
 
 Training image ``k`` is ``generate_scene(data_seed * TRAIN_SEED_STRIDE + k)``; held-out scenes
@@ -228,7 +228,7 @@ class _Batches:
         self.generated = 0
         self._order = self._shuffled(np.random.default_rng(args.seed))
 
-    def next(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    def take(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Return the next batch's images and targets."""
         args = self._args
         first = args.seed * TRAIN_SEED_STRIDE + self.generated
@@ -265,7 +265,7 @@ def _train(net: torch.nn.Module, args: argparse.Namespace,
         while done < 1.0:
             for group in optimizer.param_groups:
                 group['lr'] = args.lr * _lr_factor(iteration, done)
-            losses = net(*batches.next())
+            losses = net(*batches.take())
             loss = torch.stack(list(losses.values())).sum()
             optimizer.zero_grad()
             loss.backward()
