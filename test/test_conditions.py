@@ -116,10 +116,11 @@ def test_run_detectors_renders_each_frame_once_for_every_detector() -> None:
     assert sorted(t.period for t in truths) == ['day'] * 2 + ['dusk'] * 2 + ['night'] * 2
 
 
-def _scores(total: float, night: float, night_boxes: int = 100,
+def _scores(total: float, night: float, night_boxes: int = 400,
             small: float = 0.2) -> dict[str, ConditionScore]:
-    return {TOTAL: ConditionScore(500, total), 'period:night': ConditionScore(night_boxes, night),
-            'size:small': ConditionScore(300, small)}
+    return {TOTAL: ConditionScore(5000, total),
+            'period:night': ConditionScore(night_boxes, night),
+            'size:small': ConditionScore(3000, small)}
 
 
 def test_gate_accepts_a_better_total_with_no_condition_worse_than_the_tolerance() -> None:

@@ -31,6 +31,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402,I100  (after choosing the headless backend)
 
 ACCEPTED, REJECTED, FAILED = 0, 1, 2  # exit codes
+DRIVES_PER_PERIOD = 8  # 24 drives, 360 frames, ~3900 boxes: see conditions.DEFAULT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class GateSettings:
     """How a gate run evaluates: which held-out frames and how strictly it judges."""
 
     drives: HeldoutDrives
-    tolerance: float = 0.01
-    min_boxes: int = 100
+    tolerance: float = conditions.DEFAULT_TOLERANCE
+    min_boxes: int = conditions.DEFAULT_MIN_BOXES
     score_threshold: float = 0.0  # keep every detection: mAP counts low-scoring hits too
 
 
@@ -128,14 +129,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--deployed', type=Path, required=True, help='deployed checkpoint')
     parser.add_argument('--candidate', type=Path, required=True, help='candidate checkpoint')
-    parser.add_argument('--drives-per-period', type=int, default=4,
+    parser.add_argument('--drives-per-period', type=int, default=DRIVES_PER_PERIOD,
                         help='held-out drives of each time of day (day, dusk, night)')
     parser.add_argument('--frames', type=int, default=15, help='frames per drive')
     parser.add_argument('--fps', type=float, default=2.0, help='frame rate the drives are '
                         'sampled at (lower: frames further apart)')
-    parser.add_argument('--tolerance', type=float, default=0.01,
+    parser.add_argument('--tolerance', type=float, default=conditions.DEFAULT_TOLERANCE,
                         help='largest mAP loss (absolute, 0.01 = one point) a condition may have')
-    parser.add_argument('--min-boxes', type=int, default=100,
+    parser.add_argument('--min-boxes', type=int, default=conditions.DEFAULT_MIN_BOXES,
                         help='conditions with fewer ground-truth boxes are reported, not gated')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--out', type=Path, default=Path('out/gate'))
