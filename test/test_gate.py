@@ -63,5 +63,7 @@ def test_checkpoints_that_cannot_be_gated_exit_2(untrained: Path, tmp_path: Path
     for bad in (junk, coco, bare, tmp_path / 'missing.pt'):
         assert gate.main(['--deployed', str(untrained), '--candidate', str(bad),
                           '--out', str(tmp_path / 'out'), *SMALL_RUN]) == gate.FAILED, bad
-    with pytest.raises(SystemExit):
-        gate.parse_args(['--deployed', 'a', '--candidate', 'b', '--tolerance', '-1'])
+    for bad in (['--tolerance', '-1'], ['--tolerance', 'nan'], ['--drives-per-period', '0'],
+                ['--drives-per-period', '1000000000'], ['--fps', 'inf'], ['--frames', '0']):
+        with pytest.raises(SystemExit):
+            gate.parse_args(['--deployed', 'a', '--candidate', 'b', *bad])

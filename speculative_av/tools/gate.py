@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 import json
+import math
 from pathlib import Path
 import pickle
 import sys
@@ -31,7 +32,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402,I100  (after choosing the headless backend)
 
 ACCEPTED, REJECTED, FAILED = 0, 1, 2  # exit codes
-DRIVES_PER_PERIOD = 8  # 24 drives, 360 frames, ~3900 boxes: see conditions.DEFAULT_TOLERANCE
+DRIVES_PER_PERIOD = 8  # 24 drives, 360 frames, ~4100 boxes: see conditions.DEFAULT_TOLERANCE
+MAX_DRIVES_PER_PERIOD = 1000  # finding seeds per period is a loop over seeds: keep it bounded
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.drives_per_period < 1 or args.frames < 1 or not args.fps > 0 or args.threads < 1:
         parser.error('--drives-per-period, --frames, --fps and --threads must be positive')
+    if args.drives_per_period > MAX_DRIVES_PER_PERIOD or not math.isfinite(args.fps):
+        parser.error(f'--drives-per-period at most {MAX_DRIVES_PER_PERIOD}; --fps finite')
     if not (0.0 <= args.tolerance < 1.0) or args.min_boxes < 1:
         parser.error('--tolerance must be in [0, 1) and --min-boxes positive')
     return args
