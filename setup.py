@@ -38,6 +38,7 @@ setup(
             'train = speculative_av.tools.train:main',
             'make_recording = speculative_av.tools.make_recording:main',
             'evaluate = speculative_av.tools.evaluate:main',
+            'gate = speculative_av.tools.gate:main',
             'fleet_load = speculative_av.tools.fleet_load:main',
             'demo = speculative_av.tools.demo:main',
             'model_release = speculative_av.tools.model_release:main',

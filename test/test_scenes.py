@@ -1,7 +1,9 @@
 """Procedural driving scenes: determinism, valid boxes, small objects, occlusion, drives."""
 from __future__ import annotations
 
+import hashlib
 import time
+from typing import Iterable
 
 import numpy as np
 import pytest
@@ -92,6 +94,57 @@ def _pedestrian_behind_a_truck(truck: bool) -> Scene:
 def test_hidden_objects_get_no_box() -> None:
     assert _pedestrian_behind_a_truck(truck=False).labels.tolist() == [world.PEDESTRIAN]
     assert _pedestrian_behind_a_truck(truck=True).labels.tolist() == [world.CAR]
+
+
+def test_visible_fraction_measures_occlusion() -> None:
+    alone = _pedestrian_behind_a_truck(truck=False)
+    assert alone.visible.dtype == np.float32 and alone.visible.tolist() == [1.0]
+    # A car in front of part of the walker.
+    rng = np.random.default_rng(0)
+    street = world.random_world(rng, 640, 480)
+    walker = world.spawn(rng, world.PEDESTRIAN, street.road, street.ego_speed, (20.0, 20.0))
+    walker.x, walker.vx, walker.height = 0.0, 0.0, 1.95
+    car = world.spawn(rng, world.CAR, street.road, street.ego_speed, (10.0, 10.0))
+    car.x, car.width, car.height, car.length = 0.9, 1.8, 1.45, 4.5  # covers its right half
+    street.actors = [walker, car]
+    scene = generator._render(street, rng)
+    fractions = dict(zip(scene.labels.tolist(), scene.visible.tolist()))
+    assert fractions[world.CAR] == 1.0
+    assert generator.MIN_VISIBLE <= fractions[world.PEDESTRIAN] < 0.9
+
+
+def test_every_box_has_a_visible_fraction_and_every_scene_a_period(
+        scenes: list[Scene]) -> None:
+    periods = {s.period for s in scenes}
+    assert periods == set(world.PERIODS)
+    for scene in scenes:
+        assert scene.visible.shape == scene.labels.shape
+        assert np.all((scene.visible >= generator.MIN_VISIBLE) & (scene.visible <= 1.0))
+    fractions = np.concatenate([s.visible for s in scenes])
+    assert 0.1 < np.mean(fractions < 0.9) < 0.6  # occluded objects are common, not the rule
+    night = [s.image.mean() for s in scenes if s.period == 'night']
+    day = [s.image.mean() for s in scenes if s.period == 'day']
+    assert max(night) < min(day)
+
+
+def _digest(scenes: Iterable[Scene]) -> str:
+    digest = hashlib.sha256()
+    for scene in scenes:
+        for array in (scene.image, scene.boxes, scene.labels):
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def test_existing_seeds_render_byte_identical_images_and_boxes() -> None:
+    """The trained models, recordings and benchmarks rely on these exact pixels."""
+    # Taken before Scene gained visible and period (main e8c29b7).
+    assert _digest(generate_scene(seed) for seed in (0, 1, 2, 3, 7, 11, 1_000_000_000,
+                                                     1_000_000_001)) == (
+        'eca9e9ee57f05b22a868bdb5d11923b8088b67fa7ad13c02795aeff4803ad320')
+    assert _digest(render_drive(11, 6)) == (
+        '717df4db38a1b3b8e3a6ea087d7d1e4f08a701f178fbe91967d01582116396c8')
+    assert _digest(render_drive(3, 4, 320, 240)) == (
+        '934a70b88076801909ea084fecd1cafd24907da9ed3831d768a838a19c09bb31')
 
 
 def test_a_drive_is_deterministic_coherent_and_keeps_its_lighting() -> None:

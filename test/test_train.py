@@ -1,6 +1,7 @@
 """The training tool, model_kwargs and int8 checkpoints, and the committed trained detectors."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 import statistics
 import time
@@ -11,6 +12,7 @@ from speculative_av.detectors.torchvision_detector import (build_model, save_che
 from speculative_av.scenes import CATEGORIES, generate_scene
 from speculative_av.tools import train
 from speculative_av.tools.coco_metrics import coco_map
+from speculative_av.tools.dataset import encode_jpeg, Sample, write_dataset
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +139,66 @@ def test_committed_checkpoints_heldout_accuracy_and_cpu_latency() -> None:
     local, cloud = results.values()
     assert cloud['mAP'] > local['mAP'] and cloud['mAP_small'] > local['mAP_small']
     assert cloud['latency_ms'] < 400
+
+
+@pytest.fixture(scope='module')
+def curated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Write a two-image curated set: generated frames with their ground truth as labels."""
+    scenes = [generate_scene(seed, 320, 240) for seed in (3, 4)]
+    samples = [Sample(encode_jpeg(s.image), s.boxes, s.labels, {'seed': seed})
+               for seed, s in zip((3, 4), scenes)]
+    directory = tmp_path_factory.mktemp('curated') / 'set'
+    write_dataset(directory, samples, CATEGORIES, {'teacher': 'ground truth (test)'})
+    return directory
+
+
+def test_fine_tuning_from_a_checkpoint_on_a_curated_set(smoke_checkpoint: Path, curated: Path,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / 'tuned.pt'
+    argv = ['--init', str(smoke_checkpoint), '--dataset', str(curated), '--mix-generated',
+            '0.5', '--out', str(out), '--iterations', '3', '--batch-size', '2',
+            '--eval-scenes', '0', '--image-width', '320', '--image-height', '240',
+            '--threads', '1', '--lr', '1e-4']
+    assert train.main(argv) == 0
+    detector = TorchvisionDetector(SSDLITE, str(out), score_threshold=0.0)
+    meta = detector.metadata
+    assert detector.categories == CATEGORIES
+    assert meta['model_kwargs'] == {'detections_per_img': 50}  # taken from --init
+    assert detector.module.detections_per_img == 50
+    assert meta['init']['path'] == str(smoke_checkpoint)
+    assert meta['init']['sha256'] == hashlib.sha256(smoke_checkpoint.read_bytes()).hexdigest()
+    assert meta['init']['training_command'].startswith('python -m speculative_av.tools.train')
+    assert meta['dataset']['images'] == 2 and meta['dataset']['path'] == str(curated.resolve())
+    assert meta['dataset']['provenance'] == {'teacher': 'ground truth (test)'}
+    assert meta['mix_generated'] == 0.5
+    assert meta['images_seen'] == 6 and meta['dataset_images_seen'] == 3
+    assert meta['train_seeds'] == [0, 3] and meta['heldout_metrics'] == {}
+    before = torch.load(smoke_checkpoint, weights_only=True)['model']
+    after = torch.load(out, weights_only=True)['model']
+    assert any(not torch.equal(before[k], after[k])
+               for k in before if before[k].is_floating_point())
+    detections = detector.detect(generate_scene(1, 320, 240).image)
+    assert set(detections.labels.tolist()) <= set(range(1, len(CATEGORIES)))
+
+
+def test_fine_tuning_refuses_mismatched_inputs(smoke_checkpoint: Path, curated: Path,
+                                               tmp_path: Path) -> None:
+    budget = ['--out', str(tmp_path / 'x.pt'), '--iterations', '1', '--eval-scenes', '0']
+    with pytest.raises(SystemExit):
+        train.parse_args([*budget, '--mix-generated', '0.5'])  # no --dataset
+    with pytest.raises(SystemExit):
+        train.parse_args([*budget, '--dataset', str(curated), '--mix-generated', '1.5'])
+    with pytest.raises(SystemExit):
+        train.parse_args([*budget, '--init', str(smoke_checkpoint), '--model-kwarg', 'a=1'])
+    with pytest.raises(ValueError, match='is a ssdlite'):
+        train.run([*budget, '--init', str(smoke_checkpoint), '--model',
+                   'fasterrcnn_mobilenet_v3_large_320_fpn'])
+    not_a_checkpoint = tmp_path / 'junk.pt'
+    not_a_checkpoint.write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='cannot load'):
+        train.run([*budget, '--init', str(not_a_checkpoint)])
+    other = tmp_path / 'other'
+    write_dataset(other, [], ['__background__', 'cat'], {})
+    with pytest.raises(ValueError, match='categories'):
+        train.run([*budget, '--dataset', str(other)])
+    assert not (tmp_path / 'x.pt').exists()

@@ -3,7 +3,8 @@ Driving scenes with exact boxes, generated from a seed: single images and cohere
 
 Actors are composited far to near, so nearer objects hide farther ones; a box covers the
 visible pixels of its object, and objects less than :data:`MIN_VISIBLE` visible (hidden or
-outside the image) get no box.
+outside the image) get no box. Each box also carries its object's visible fraction and each
+scene its time of day, the conditions per-condition test sets are split by.
 """
 from __future__ import annotations
 
@@ -32,12 +33,17 @@ class Scene:
     An RGB image and the boxes of the objects it shows.
 
     ``image`` is (H, W, 3) uint8 RGB; ``boxes`` (N, 4) float32 ``x1, y1, x2, y2`` in pixels;
-    ``labels`` (N,) int64 indices into :data:`CATEGORIES`.
+    ``labels`` (N,) int64 indices into :data:`CATEGORIES`; ``visible`` (N,) float32 the share
+    of each object's pixels that show (the rest hidden by nearer objects or outside the
+    image; at least :data:`MIN_VISIBLE`); ``period`` the time of day, one of
+    :data:`~speculative_av.scenes.world.PERIODS`.
     """
 
     image: npt.NDArray[np.uint8]
     boxes: npt.NDArray[np.float32]
     labels: npt.NDArray[np.int64]
+    visible: npt.NDArray[np.float32]
+    period: str
 
     def ground_truth(self) -> Detections:
         """Return the boxes as detections scoring 1.0."""
@@ -81,19 +87,22 @@ def _render(world: w.World, rng: np.random.Generator) -> Scene:
         owners = np.where(tags == LABELLED, len(placed), -1).astype(np.int16)
         cv2.copyTo(owners, drawn, owner[rows, cols])
         placed.append((actor.kind, patch, int(np.count_nonzero(patch.rgbt[..., 3] == LABELLED))))
-    boxes, labels = [], []
+    boxes, labels, fractions = [], [], []
     for index, (label, patch, pixels) in enumerate(placed):
         rows, cols = _clip(patch, camera)
         visible = owner[rows, cols] == index
-        if label == w.SCENERY or np.count_nonzero(visible) < max(1.0, MIN_VISIBLE * pixels):
+        shown = np.count_nonzero(visible)
+        if label == w.SCENERY or shown < max(1.0, MIN_VISIBLE * pixels):
             continue
         ys, xs = np.flatnonzero(visible.any(axis=1)), np.flatnonzero(visible.any(axis=0))
         if ys[-1] - ys[0] >= 1 and xs[-1] - xs[0] >= 1:
             boxes.append((cols.start + xs[0], rows.start + ys[0], cols.start + xs[-1] + 1,
                           rows.start + ys[-1] + 1))
             labels.append(label)
+            fractions.append(shown / pixels)
     _sensor(image, world.lighting, rng)
-    return Scene(image, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64))
+    return Scene(image, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
+                 np.array(fractions, np.float32), world.lighting.period)
 
 
 def _clip(patch: Patch, camera: w.Camera) -> tuple[slice, slice]:

@@ -23,6 +23,8 @@ MIN_ACTOR_Z = 2.5  # an actor closer than this has been passed
 
 RGB = tuple[int, int, int]
 
+PERIODS = ('day', 'dusk', 'night')  # times of day, the conditions test sets are split by
+
 # Spawn distance range (metres) and count range per kind; far objects make the small boxes.
 _Z_RANGE = {CAR: (4.0, 95.0), PEDESTRIAN: (3.5, 65.0), CYCLIST: (4.0, 70.0),
             TRAFFIC_LIGHT: (8.0, 90.0), TRAFFIC_SIGN: (5.0, 75.0), SCENERY: (4.0, 90.0)}
@@ -66,9 +68,14 @@ class Lighting:
     gain: tuple[float, float, float]
     sky_top: RGB
     sky_bottom: RGB
-    night: bool
+    period: str  # one of PERIODS
     noise: float  # grey levels, standard deviation
     blur: float  # Gaussian sigma in pixels; 0 = sharp
+
+    @property
+    def night(self) -> bool:
+        """Whether lamps, lit windows and headlights glow (they ignore the gain)."""
+        return self.period == 'night'
 
     def shade(self, rgb: RGB) -> RGB:
         """Return how a surface of colour ``rgb`` looks under this light."""
@@ -289,6 +296,7 @@ def _random_road(rng: np.random.Generator) -> Road:
 
 def _random_lighting(rng: np.random.Generator) -> Lighting:
     time = rng.random()
+    period = PERIODS[int(time >= 0.6) + int(time >= 0.85)]
     if time < 0.6:  # day
         gain, cast = rng.uniform(0.8, 1.2), np.array([1.0, 1.0, 1.0])
         sky_top, sky_bottom, noise = (70, 130, 215), (180, 210, 240), rng.uniform(1, 5)
@@ -302,7 +310,7 @@ def _random_lighting(rng: np.random.Generator) -> Lighting:
     blur = rng.uniform(0.5, 1.4) if rng.random() < 0.5 else 0.0
     r, g, b = (gain * cast).tolist()
     return Lighting((r, g, b), _jitter(rng, sky_top, 15), _jitter(rng, sky_bottom, 15),
-                    time >= 0.85, noise, blur)
+                    period, noise, blur)
 
 
 def _random_skyline(rng: np.random.Generator, width: int, horizon: float) -> npt.NDArray[
