@@ -42,6 +42,8 @@ setup(
             'fleet_load = speculative_av.tools.fleet_load:main',
             'demo = speculative_av.tools.demo:main',
             'model_release = speculative_av.tools.model_release:main',
+            'curate = speculative_av.tools.curate:main',
+            'data_engine = speculative_av.tools.data_engine:main',
         ],
     },
 )

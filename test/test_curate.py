@@ -120,7 +120,7 @@ def test_a_teacher_with_another_label_map_is_refused(tmp_path):
 
 
 def test_malformed_snippets_are_counted_and_skipped(tmp_path):
-    files = write(tmp_path / 'in', snippet(1))
+    write(tmp_path / 'in', snippet(1))
     (tmp_path / 'in' / 'garbage.mcap').write_bytes(b'\x89MCAP0\r\n' + b'\x00' * 100)
     (tmp_path / 'in' / 'empty.mcap').write_bytes(b'')
     other_map = Snippet(**{**vars(snippet(2)), 'categories': ('__background__', 'car', 'x', 'y',

@@ -148,7 +148,7 @@ def _samples(files: Sequence[Path], settings: CurateSettings, report: CurateRepo
             continue
         if categories and snippet.categories != categories[0]:
             report.malformed += 1
-            _LOG.warning('skipping %s: its label map differs from the first snippet\'s', path)
+            _LOG.warning("skipping %s: its label map differs from the first snippet's", path)
             continue
         if snippet.cloud is None and teacher is None:
             report.no_cloud_answer += 1

@@ -22,7 +22,7 @@ Writes ``report.md``, ``report.json`` and ``conditions.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
@@ -32,8 +32,8 @@ import time
 from typing import Any
 
 import grpc
-import matplotlib
 from rcl_interfaces.srv import SetParameters
+from rclpy.client import Client
 from rclpy.parameter import Parameter
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.deadline import DeadlinePolicy
@@ -57,9 +57,6 @@ from speculative_av.tools.model_release import keygen
 from speculative_av.tools.ros_isolation import fastdds_shm_files, isolate, remove_stale_shm
 from speculative_av.tools.simulated_drive import DriveFrame, simulate_drive, SimulatedServer
 from tqdm import tqdm
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402,I100  (after choosing the headless backend)
 
 # Drive seeds of each step, apart from each other, from training scenes (< 1e9), the held-out
 # scenes (1e9 on) and the gate's held-out drives (conditions.HELDOUT_DRIVE_SEED_BASE on).
@@ -153,9 +150,11 @@ def upload(store: SnippetStore, target: str, timeout_s: float) -> dict[str, Any]
 
 def fine_tune(args: argparse.Namespace, dataset: Path, out: Path) -> dict[str, Any]:
     """Fine-tune the deployed model on the curated set; return the checkpoint's metadata."""
+    budget = (['--iterations', str(args.train_iterations)] if args.train_iterations
+              else ['--minutes', str(args.train_minutes)])
     return train.run([
         '--init', str(args.deployed), '--dataset', str(dataset),
-        '--mix-generated', str(args.mix_generated), '--minutes', str(args.train_minutes),
+        '--mix-generated', str(args.mix_generated), *budget,
         '--batch-size', '8', '--lr', str(args.lr), '--eval-scenes', '20',
         '--threads', str(args.threads), '--out', str(out)])
 
@@ -217,7 +216,8 @@ def swap_live(args: argparse.Namespace, manifest: Path, public_key: Path, collec
                 '--wait-for-subscribers', '1'])
             wait_for(lambda: len(watcher.decisions) >= args.live_frames // 3, 120,
                      'the first third of drive B')
-            client = node.create_client(SetParameters, '/speculative_detector/set_parameters')
+            client: Client = node.create_client(SetParameters,
+                                                '/speculative_detector/set_parameters')
             if not client.wait_for_service(timeout_sec=10):
                 raise RuntimeError('the node offers no set_parameters service')
             future = client.call_async(SetParameters.Request(parameters=[
@@ -276,10 +276,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--trigger-low-confidence', type=float, default=0.3)
     parser.add_argument('--triggers-per-minute', type=float, default=240.0)
     parser.add_argument('--train-minutes', type=float, default=6.0)
+    parser.add_argument('--train-iterations', type=int, default=0,
+                        help='train this many batches instead of --train-minutes (0: minutes)')
     parser.add_argument('--mix-generated', type=float, default=0.5,
                         help='share of each batch from generated scenes with ground truth')
     parser.add_argument('--lr', type=float, default=5e-4)
-    parser.add_argument('--gate-per-period', type=int, default=4)
+    parser.add_argument('--gate-per-period', type=int, default=8)
     parser.add_argument('--gate-frames', type=int, default=15)
     parser.add_argument('--tolerance', type=float, default=conditions.DEFAULT_TOLERANCE)
     parser.add_argument('--live-frames', type=int, default=60, help='drive B replayed live')
@@ -314,7 +316,7 @@ def write_report(out: Path, steps: dict[str, Any]) -> Path:
         '| step | result |', '|---|---|',
         f"| drive A (mining) | {mining['frames']} frames in {mining['seconds']:.0f} s; winners "
         + ', '.join(f'{k} {v}' for k, v in sorted(mining['decisions'].items()))
-        + f" |",
+        + ' |',
         f"| triggers | {recorder['triggered']} frames triggered ({reasons}); "
         f"{recorder['rate_limited']} rate-limited, {recorder['queue_full']} queue full; "
         f"{recorder['written']} snippets written |",
@@ -322,7 +324,8 @@ def write_report(out: Path, steps: dict[str, Any]) -> Path:
         f"{sent['bytes_sent'] / 1e6:.1f} MB in {sent['seconds']:.1f} s |",
         f"| curate | {kept['images']} images, {kept['labels']} cloud pseudo-labels "
         f"({kept['near_duplicates']} near and {kept['exact_duplicates']} exact duplicates, "
-        f"{kept['no_cloud_answer']} without a cloud answer, {kept['malformed']} malformed) |",
+        f"{kept['teacher_labelled']} not answered in the drive labelled by the cloud model "
+        f"afterwards, {kept['malformed']} malformed) |",
         f"| fine-tune | {steps['train']['images_seen']} images "
         f"({steps['train']['dataset_images_seen']} curated) in "
         f"{steps['train']['train_seconds']:.0f} s |"]
@@ -378,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         steps['upload'] = upload(store, collector, 300)
         dataset, curated = curate(snippet_files([args.out / 'cloud' / 'collector' / 'snippets']),
                                   args.out / 'cloud' / 'curated',
-                                  CurateSettings(min_score=args.trigger_min_score))
+                                  CurateSettings(min_score=args.trigger_min_score),
+                                  teacher=cloud)
         steps['curate'] = {**curated.as_dict(), 'images': len(dataset), 'labels': dataset.boxes}
         candidate = args.out / 'cloud' / 'candidate_ssdlite320.pt'
         metadata = fine_tune(args, dataset.directory, candidate)
@@ -402,3 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(args.out, steps)
     print(report.read_text())
     return 0 if 'drive_b' in steps else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -72,7 +72,7 @@ class Watcher:
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
 
     def status(self, suffix: str) -> dict[str, str]:
-        """Return the latest values of the node's ``<node>: <suffix>`` status ({} if none)."""
+        """Return the latest values of the node's ``<node>: <suffix>`` status; {} if none came."""
         for name, values in self.statuses.items():
             if name.endswith(f': {suffix}'):
                 return values
@@ -168,7 +168,7 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
             print(f'demo: cloud server {server} behind a {args.profile} relay {relay}; '
                   'waiting for both models to load', file=sys.stderr)
             wait_for(lambda: watcher.health.get('cloud') == 'SERVING', 120,
-                  'the node to see the cloud server (logs in out/demo/logs)')
+                     'the node to see the cloud server (logs in out/demo/logs)')
             procs.start('record', python + ['speculative_av.tools.record', '-o', str(outputs),
                                             *OUTPUT_TOPICS[:4]])
             replay, _ = procs.start('replay', python + [
@@ -187,8 +187,8 @@ def run_pipeline(args: argparse.Namespace, recording: Path, outputs: Path,
             if replay.returncode != 0:
                 raise RuntimeError(f'replay failed ({replay.returncode}); see its log')
             wait_for(lambda: int(watcher.counters.get('frames_received', -1))
-                  == len(watcher.decisions) + int(watcher.counters.get('dropped_frames', 0)),
-                  3, 'final counters')
+                     == len(watcher.decisions) + int(watcher.counters.get('dropped_frames', 0)),
+                     3, 'final counters')
     finally:
         procs.stop_all()
     return watcher

@@ -14,27 +14,17 @@ import numpy as np
 import numpy.typing as npt
 from speculative_av.engine.shadow import (DUSK_BELOW, image_brightness, NIGHT_BELOW,
                                           PERIODS)
-from speculative_av.scenes import world
 from speculative_av.scenes.generator import generate_scene
 
 
-def true_period(seed: int, width: int = 640, height: int = 480) -> str:
-    """
-    Return the time of day the generator chose for ``seed``'s scene.
-
-    The world's lighting says night outright; day and dusk skies are drawn around different
-    colours (top green ~130 vs ~70, +-15), which tells them apart exactly.
-    """
-    lighting = world.random_world(np.random.default_rng(seed), width, height).lighting
-    if lighting.night:
-        return 'night'
-    return 'day' if lighting.sky_top[1] >= 100 else 'dusk'
-
-
 def brightness_and_periods(seeds: range) -> tuple[npt.NDArray[np.float64], list[str]]:
-    """Return each seed's scene brightness and its true period."""
-    brightness = np.array([image_brightness(generate_scene(seed).image) for seed in seeds])
-    return brightness, [true_period(seed) for seed in seeds]
+    """Return each seed's scene brightness and its true period (the generator's)."""
+    brightness, periods = [], []
+    for seed in seeds:
+        scene = generate_scene(seed)
+        brightness.append(image_brightness(scene.image))
+        periods.append(scene.period)
+    return np.array(brightness), periods
 
 
 def classify(brightness: npt.NDArray[np.float64], night_below: float,
