@@ -6,8 +6,9 @@ request replaces one still waiting, counted as ``superseded``), verifies the man
 model, runs one inference to pay its first-pass cost, and only then hands it to ``install`` (the
 engine's swap between frames). Verifying, loading and warming up run paced
 (:mod:`speculative_av.core.gil_pacing`): that Python work would otherwise hold the GIL half the
-time and stretch a concurrent inference of the frames' worker. Any failure on the way is logged, counted and leaves the current
-model in place; the thread goes on with the next request. ROS-free, like the engine.
+time and stretch a concurrent inference of the frames' worker. Any failure on the way is logged,
+counted and leaves the current model in place; the thread goes on with the next request.
+ROS-free, like the engine.
 """
 from __future__ import annotations
 
