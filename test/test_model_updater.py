@@ -1,6 +1,7 @@
 """The background model updater: failures keep the current model, the newest request wins."""
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -44,15 +45,21 @@ def manifest(path: str) -> ModelManifest:
 def test_an_update_is_verified_loaded_warmed_up_then_installed_and_failures_keep_the_model():
     installed: list[tuple[Model, str]] = []
     gate, loading = threading.Event(), threading.Event()
+    paced_in: dict[str, bool] = {}
 
     def load(m: ModelManifest) -> Model:
+        paced_in['load'] = sys.getprofile() is not None
         loading.set()
         gate.wait(10)
         if m.name == 'unloadable':
             raise RuntimeError('not a checkpoint')
         return Model(m.name)
 
-    updater = ModelUpdater(manifest, load, lambda d, m: installed.append((d, m.label)), Log())
+    def install(detector: Model, m: ModelManifest) -> None:
+        paced_in['install'] = sys.getprofile() is not None
+        installed.append((detector, m.label))
+
+    updater = ModelUpdater(manifest, load, install, Log())
     try:
         updater.request('first')  # taken at once; blocks in load until the gate opens
         assert loading.wait(10)
@@ -70,3 +77,5 @@ def test_an_update_is_verified_loaded_warmed_up_then_installed_and_failures_keep
         ('first', 1, 'first:1'), ('second', 1, 'second:1')]
     assert updater.counters == {'requested': 5, 'superseded': 1, 'installed': 2, 'failed': 2}
     assert 'not a checkpoint' in updater.last_error
+    # Preparing yields the GIL to the frames' worker; installing (under the engine's lock) not.
+    assert paced_in == {'load': True, 'install': False}

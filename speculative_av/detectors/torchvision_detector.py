@@ -9,6 +9,7 @@ PyTorch (backend 'torch') or, exported to ONNX and cached, in ONNX Runtime (back
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -220,7 +221,8 @@ def _load_default(model: str) -> _Loaded:
 def _load_checkpoint(model: str, path: Path) -> _Loaded:
     """Build ``model`` from a checkpoint file: a state_dict or a dict with a 'model' entry."""
     data = path.read_bytes()
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    # The bytes hashed below are the bytes loaded: a file replaced meanwhile cannot slip in.
+    checkpoint = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     if not isinstance(checkpoint, dict):
         raise ValueError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a dict')
     metadata: dict[str, Any] = {}

@@ -4,22 +4,28 @@ Over-the-air model updates in the background: verify, load, warm up, then hand o
 A request names a signed manifest. One supervised thread takes requests one at a time (a newer
 request replaces one still waiting, counted as ``superseded``), verifies the manifest, loads the
 model, runs one inference to pay its first-pass cost, and only then hands it to ``install`` (the
-engine's swap between frames). Any failure on the way is logged, counted and leaves the current
-model in place; the thread goes on with the next request. ROS-free, like the engine.
+engine's swap between frames). Verifying, loading and warming up run paced
+(:mod:`speculative_av.core.gil_pacing`): that Python work would otherwise hold the GIL half the
+time and stretch a concurrent inference of the frames' worker. Any failure on the way is logged,
+counted and leaves the current model in place; the thread goes on with the next request.
+ROS-free, like the engine.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 import threading
 import time
 from typing import Callable, Generic, TypeVar
 
 import numpy as np
+from speculative_av.core.gil_pacing import GilPacing, paced
 from speculative_av.engine.engine import LocalDetector, Logger
 from speculative_av.fleet.model_manifest import ModelManifest
 
 Detector = TypeVar('Detector', bound=LocalDetector)
 WARM_UP_SHAPE = (480, 640, 3)
+UPDATE_PACING = GilPacing(run_s=0.0005, pause_s=0.005)  # measured: README, "Over-the-air ..."
 
 
 @dataclass(frozen=True)
@@ -37,18 +43,22 @@ class ModelUpdater(Generic[Detector]):
     def __init__(self, verify: Callable[[str], ModelManifest],
                  load: Callable[[ModelManifest], Detector],
                  install: Callable[[Detector, ModelManifest], None], logger: Logger, *,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 timer: Callable[[], float] = time.perf_counter,
+                 pacing: GilPacing | None = UPDATE_PACING) -> None:
         """
         Start the thread.
 
         ``verify`` checks a manifest path (raising ValueError or OSError), ``load`` builds its
-        detector (raising on weights that do not load or do not fit), ``install`` swaps it in.
+        detector (raising on weights that do not load or do not fit), ``install`` swaps it in
+        (never paced: it may hold the engine's lock). ``pacing`` None runs the preparation flat
+        out.
         """
         self._verify = verify
         self._load = load
         self._install = install
         self._log = logger
         self._timer = timer
+        self._pacing = pacing
         self._condition = threading.Condition()
         self._pending: str | None = None
         self._busy = False
@@ -103,13 +113,14 @@ class ModelUpdater(Generic[Detector]):
                     self._busy = False
 
     def _update(self, path: str) -> None:
-        began = self._timer()
-        manifest = self._verify(path)
-        verified = self._timer()
-        detector = self._load(manifest)
-        loaded = self._timer()
-        detector.detect(np.zeros(WARM_UP_SHAPE, np.uint8))
-        warm = self._timer()
+        with paced(self._pacing) if self._pacing is not None else nullcontext():
+            began = self._timer()
+            manifest = self._verify(path)
+            verified = self._timer()
+            detector = self._load(manifest)
+            loaded = self._timer()
+            detector.detect(np.zeros(WARM_UP_SHAPE, np.uint8))
+            warm = self._timer()
         self._install(detector, manifest)
         with self._condition:
             self.counters['installed'] += 1
