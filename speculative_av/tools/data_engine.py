@@ -180,13 +180,19 @@ class SwapResult:
     dropped: int  # by the node's newest-frame slots (a newer frame was waiting)
     models: dict[str, int]  # local model name:version -> frames it answered
     model_status: dict[str, str]
+    shadow_status: dict[str, str]  # the candidate in shadow mode, just before the swap
     trigger_status: dict[str, str]
     upload_status: dict[str, str]
 
 
-def swap_live(args: argparse.Namespace, manifest: Path, public_key: Path, collector: str,
-              out: Path) -> SwapResult:
-    """Replay drive B into a live node and swap its local model over the air midway."""
+def swap_live(args: argparse.Namespace, candidate: Path, manifest: Path, public_key: Path,
+              collector: str, out: Path) -> SwapResult:
+    """
+    Replay drive B into a live node and swap its local model over the air midway.
+
+    Until the swap the candidate runs in shadow mode beside the deployed model; its agreement
+    (per estimated period) is taken the moment before the swap.
+    """
     recording = make_recording(out / 'drive_b_recording', frames=args.live_frames, fps=args.fps,
                                seed=conditions.heldout_drive_seeds(1, DRIVE_B_SEED_BASE)[0],
                                width=640, height=480)
@@ -204,6 +210,8 @@ def swap_live(args: argparse.Namespace, manifest: Path, public_key: Path, collec
             '-p', f'local.weights:={args.deployed}', '-p', 'local.threads:=1',
             '-p', f'local.trusted_keys:=["{public_key}"]',
             '-p', f'cloud.endpoints:=["{server}"]', '-p', 'cloud.insecure:=true',
+            '-p', 'shadow.enabled:=true', '-p', f'shadow.weights:={candidate}',
+            '-p', 'shadow.every_nth:=2',
             '-p', 'triggers.enabled:=true', '-p', f'triggers.directory:={out / "vehicle_b"}',
             '-p', 'upload.enabled:=true', '-p', f'upload.target:={collector}',
             '-p', 'upload.insecure:=true'])
@@ -216,6 +224,7 @@ def swap_live(args: argparse.Namespace, manifest: Path, public_key: Path, collec
                 '--wait-for-subscribers', '1'])
             wait_for(lambda: len(watcher.decisions) >= args.live_frames // 3, 120,
                      'the first third of drive B')
+            shadow = watcher.status('shadow')
             client: Client = node.create_client(SetParameters,
                                                 '/speculative_detector/set_parameters')
             if not client.wait_for_service(timeout_sec=10):
@@ -242,7 +251,7 @@ def swap_live(args: argparse.Namespace, manifest: Path, public_key: Path, collec
                 args.live_frames, int(watcher.counters['frames_received']), len(watcher.fused),
                 sum(d['late'] == 'true' for d in watcher.decisions.values()),
                 int(watcher.counters.get('dropped_frames', 0)), models,
-                watcher.status('local model'), watcher.status('triggers'),
+                watcher.status('local model'), shadow, watcher.status('triggers'),
                 watcher.status('upload'))
     finally:
         procs.stop_all()
@@ -335,10 +344,16 @@ def write_report(out: Path, steps: dict[str, Any]) -> Path:
               + ('' if gate['accepted'] else ': ' + '; '.join(gate['reasons'])) + ' |']
     swap = steps.get('swap')
     if swap is not None:
+        shadow = swap['shadow_status']
         models = ', '.join(f'{k} {v}' for k, v in swap['models'].items())
         lines += [f"| over-the-air swap | {swap['images']} images published, "
                   f"{swap['received']} received, {swap['fused']} fused, {swap['late']} late, "
                   f"{swap['dropped']} dropped; frames per local model: {models} |",
+                  '| shadow mode, until the swap | candidate vs deployed / vs cloud agreement: '
+                  + ', '.join(f"{p} {shadow.get(f'{p}_agreement_deployed', '–')} / "
+                              f"{shadow.get(f'{p}_agreement_cloud', '–')} "
+                              f"({shadow.get(f'{p}_frames', 0)} frames)"
+                              for p in ('day', 'dusk', 'night')) + ' |',
                   f"| live triggers and upload | {swap['trigger_status'].get('written', '?')} "
                   f"snippets written, {swap['upload_status'].get('uploaded', '?')} uploaded "
                   'while detection calls ran |']
@@ -396,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if gate_report.verdict.accepted:
             manifest, public_key = ship(candidate, time.strftime('%Y.%m.%d-%H%M%S'),
                                         args.out / 'keys')
-            steps['swap'] = vars(swap_live(args, manifest, public_key, collector, args.out))
+            steps['swap'] = vars(swap_live(args, candidate, manifest, public_key, collector,
+                                           args.out))
             steps['drive_b'] = measure_drive_b(args, candidate, args.out / 'drive_b')
     finally:
         procs.stop_all()
