@@ -7,6 +7,7 @@ import pytest
 from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy, DeadlineReference
 from speculative_av.core.detections import Detections
+from speculative_av.core.throttled_log import ThrottledErrors
 
 
 def test_deadline_counts_from_stamp_or_arrival():
@@ -116,3 +117,23 @@ def test_labels_are_translated_by_class_name_and_unknown_ones_dropped():
     d = Detections([[0, 0, 1, 1]] * 4, [0.9, 0.8, 0.7, 0.6], [1, 2, 3, 7])
     out = d.relabeled(mapping)
     assert out.labels.tolist() == [2, 1] and out.scores.tolist() == pytest.approx([0.9, 0.8])
+
+
+def test_errors_are_logged_at_most_once_per_interval():
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def error(self, message):
+            self.lines.append(message)
+
+    now = [100.0]
+    log = Log()
+    errors = ThrottledErrors(log, interval_s=1.0, clock=lambda: now[0])
+    errors('first')
+    now[0] = 100.999
+    errors('dropped')
+    now[0] = 101.0
+    errors('second')
+    assert log.lines == ['first', 'second']
+    ThrottledErrors(None)('nowhere to go')  # no logger: nothing, no error

@@ -42,6 +42,7 @@ from speculative_av.core.backpressure import LatestFrameSlots
 from speculative_av.core.deadline import DeadlinePolicy
 from speculative_av.core.detections import Detections
 from speculative_av.core.stats import percentile, SpeculationStats
+from speculative_av.core.throttled_log import ThrottledErrors
 from speculative_av.core.uplink import AdaptiveUplink, Encoding
 
 LOCAL_SOURCE = 'local'
@@ -49,7 +50,6 @@ LOCAL = Source(LOCAL_SOURCE, 0, cancellable=False)
 # Longest the deadline thread sleeps while frames are open: a wall or ROS clock may jump, and
 # under simulated time "now" only moves with the simulation.
 MAX_TIMER_S = 0.1
-ERROR_LOG_INTERVAL_S = 1.0
 # What gRPC reports when a call's own deadline passes. A server that refuses or drops a request
 # it cannot finish in time also answers DEADLINE_EXCEEDED, with its own details: that says the
 # server is busy, not that the link is slow, and the uplink must not learn it as a link timeout.
@@ -240,7 +240,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._running = False
-        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._throttled_error = ThrottledErrors(logger)  # logs one error a second at most
         self.fatal = ''  # why a thread died; set once
 
     # Settings and inputs ------------------------------------------------------------------
@@ -690,13 +690,6 @@ class SpeculativeEngine(Generic[Raw, Context]):
         with self.lock:
             self.counters['frame_errors'] += 1
         self._throttled_error(f'{what} failed: {error!r}')
-
-    def _throttled_error(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            if self._log is not None:
-                self._log.error(text)
 
     def _warn(self, text: str) -> None:
         if self._log is not None:

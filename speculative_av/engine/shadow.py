@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from speculative_av.core.detections import Detections
 from speculative_av.core.matching import match
+from speculative_av.core.throttled_log import ErrorLogger, ThrottledErrors
 
 Image = npt.NDArray[np.uint8]
 PERIODS = ('day', 'dusk', 'night')
@@ -34,7 +35,6 @@ NIGHT_BELOW = 72.6
 DUSK_BELOW = 120.5
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
 _SUBSAMPLE = 4  # every 4th row and column: the percentile hardly moves, the cost drops 16-fold
-ERROR_LOG_INTERVAL_S = 1.0
 
 
 def image_brightness(rgb: Image) -> float:
@@ -62,13 +62,6 @@ class Candidate(Protocol):
 
     def detect(self, rgb: Image) -> Detections:
         """Detect objects in one (H, W, 3) uint8 RGB image."""
-
-
-class Logger(Protocol):
-    """Where the runner logs (rclpy's node logger and :mod:`logging` loggers both fit)."""
-
-    def error(self, message: str) -> Any:
-        """Log at ERROR."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +132,7 @@ class ShadowRunner:
     def __init__(self, candidate: Candidate, settings: ShadowSettings = ShadowSettings(), *,
                  name: str = 'candidate', label_map: npt.NDArray[np.int64] | None = None,
                  timer: Callable[[], float] = time.perf_counter,
-                 logger: Logger | None = None) -> None:
+                 logger: ErrorLogger | None = None) -> None:
         """
         Build the runner; nothing runs until :meth:`start` (or hand-driven :meth:`run_once`).
 
@@ -166,7 +159,7 @@ class ShadowRunner:
                          'ran': 0, 'candidate_errors': 0, 'errors': 0, 'unpaired': 0}
         self._running = False
         self._thread: threading.Thread | None = None
-        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._throttled_error = ThrottledErrors(logger)  # logs one error a second at most
         self.fatal = ''  # why the thread died; set once
 
     # Inputs: the engine's sink calls these --------------------------------------------------
@@ -347,10 +340,3 @@ class ShadowRunner:
             self.fatal = f'shadow thread died: {error!r}'
             if self._log is not None:
                 self._log.error(f'{self.fatal}\n{traceback.format_exc()}')
-
-    def _throttled_error(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            if self._log is not None:
-                self._log.error(text)

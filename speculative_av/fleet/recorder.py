@@ -14,25 +14,17 @@ from dataclasses import dataclass
 import threading
 import time
 import traceback
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 from speculative_av.cloud.codec import encode_frame
 from speculative_av.core.arbiter import FrameRecord
 from speculative_av.core.detections import Detections
+from speculative_av.core.throttled_log import ErrorLogger, ThrottledErrors
 from speculative_av.fleet.snippets import Snippet, SnippetStore
 from speculative_av.fleet.triggers import (cloud_missed_deadline, RateLimiter,
                                            REASONS, TriggerRules, TriggerSettings)
-
-ERROR_LOG_INTERVAL_S = 1.0
-
-
-class Logger(Protocol):
-    """Where the recorder logs (rclpy's node logger and :mod:`logging` loggers both fit)."""
-
-    def error(self, message: str) -> Any:
-        """Log at ERROR."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +50,7 @@ class TriggerRecorder:
     def __init__(self, settings: TriggerSettings, store: SnippetStore,
                  categories: Sequence[str], *, queue_size: int = 4, jpeg_quality: int = 90,
                  clock: Callable[[], float] = time.monotonic,
-                 logger: Logger | None = None) -> None:
+                 logger: ErrorLogger | None = None) -> None:
         """
         Check the settings against ``categories`` (the local label map); nothing runs yet.
 
@@ -81,7 +73,7 @@ class TriggerRecorder:
         self._ready = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
-        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._throttled_error = ThrottledErrors(logger)  # logs one error a second at most
         self.fatal = ''  # why the writer thread died; set once
         self.counters: dict[str, int] = {
             'triggered': 0, **{f'reason_{r}': 0 for r in REASONS}, 'rate_limited': 0,
@@ -179,10 +171,3 @@ class TriggerRecorder:
             pending.cloud, pending.winner, pending.late, pending.reasons, pending.local_model,
             pending.cloud_model, self.categories))
         self.counters['written'] += 1
-
-    def _throttled_error(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            if self._log is not None:
-                self._log.error(text)
