@@ -68,7 +68,7 @@ from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_ms
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
                                          label_info_msg, model_update_status, shadow_status,
                                          source_status, summary_status)
-from speculative_av.ros.parameters import declare
+from speculative_av.ros.parameters import declare, declare_link_security, link_security
 from speculative_av.ros.trigger_parameters import declare_trigger_parameters, trigger_status
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -220,23 +220,7 @@ class SpeculativeDetector(LifecycleNode):
         declare(self, 'cloud.hedge_ratio', 0.1,
                 'Hedges may add at most this share of calls (a budget per frame sent).',
                 read_only=True, value_range=(0.0, 0.99))
-        declare(self, 'cloud.insecure', False,
-                'Plaintext gRPC without TLS or token (logs a warning): only for a server on this '
-                'machine or a trusted network. Otherwise the link uses TLS.', read_only=True)
-        declare(self, 'cloud.tls.ca_file', '',
-                "PEM CA bundle the server certificate must chain to ('' = system roots).",
-                read_only=True)
-        declare(self, 'cloud.tls.cert_file', '',
-                "PEM client certificate for mutual TLS ('' = none; needs cloud.tls.key_file).",
-                read_only=True)
-        declare(self, 'cloud.tls.key_file', '',
-                "PEM private key of cloud.tls.cert_file ('' = none).", read_only=True)
-        declare(self, 'cloud.tls.server_name', '',
-                "Name expected in the server certificate when it differs from the endpoint's "
-                "host, e.g. when connecting by IP ('' = the host).", read_only=True)
-        declare(self, 'cloud.token_file', '',
-                "File holding this vehicle's bearer token, sent as 'authorization: Bearer' "
-                "metadata over TLS ('' = no token).", read_only=True)
+        declare_link_security(self, 'cloud', 'server')
         declare_trigger_parameters(self)
         self._declare_upload()
         self._declare_shadow()
@@ -272,35 +256,13 @@ class SpeculativeDetector(LifecycleNode):
         declare(self, 'upload.chunk_kb', 32,
                 'Chunk size; at most one chunk is sent after detection calls start.',
                 read_only=True, value_range=(1, 1024))
-        declare(self, 'upload.insecure', False,
-                'Plaintext gRPC without TLS or token to the collector (a trusted network only).',
-                read_only=True)
-        declare(self, 'upload.tls.ca_file', '',
-                "PEM CA bundle the collector's certificate must chain to ('' = system roots).",
-                read_only=True)
-        declare(self, 'upload.tls.cert_file', '',
-                "PEM client certificate for mutual TLS ('' = none; needs upload.tls.key_file).",
-                read_only=True)
-        declare(self, 'upload.tls.key_file', '',
-                "PEM private key of upload.tls.cert_file ('' = none).", read_only=True)
-        declare(self, 'upload.tls.server_name', '',
-                "Name expected in the collector's certificate when it differs from the host "
-                "('' = the host).", read_only=True)
-        declare(self, 'upload.token_file', '',
-                "File holding this vehicle's bearer token for the collector ('' = none).",
-                read_only=True)
+        declare_link_security(self, 'upload', 'collector')
 
     def _upload_security(self) -> ChannelSecurity | None:
         """Return the collector link's security, None when upload is off (SecurityError)."""
         if not self.get_parameter('upload.enabled').value:
             return None
-        return ChannelSecurity.from_settings(
-            insecure=self.get_parameter('upload.insecure').value,
-            ca_file=self.get_parameter('upload.tls.ca_file').value,
-            cert_file=self.get_parameter('upload.tls.cert_file').value,
-            key_file=self.get_parameter('upload.tls.key_file').value,
-            token_file=self.get_parameter('upload.token_file').value,
-            server_name=self.get_parameter('upload.tls.server_name').value)
+        return link_security(self, 'upload')
 
     def _start_upload(self, security: ChannelSecurity | None) -> None:
         """Start the uploader when upload is on and triggers keep a snippet store."""
@@ -426,13 +388,7 @@ class SpeculativeDetector(LifecycleNode):
                 if settings.cloud_enabled else [])
             _check_cameras(self.get_parameter('cameras').value,
                            self.get_parameter('image_transport').value)
-            insecure = self.get_parameter('cloud.insecure').value
-            security = ChannelSecurity.from_settings(
-                insecure=insecure, ca_file=self.get_parameter('cloud.tls.ca_file').value,
-                cert_file=self.get_parameter('cloud.tls.cert_file').value,
-                key_file=self.get_parameter('cloud.tls.key_file').value,
-                token_file=self.get_parameter('cloud.token_file').value,
-                server_name=self.get_parameter('cloud.tls.server_name').value)
+            security = link_security(self, 'cloud')
             self._recorder = self._trigger_recorder(self._detector.categories)
             upload_security = self._upload_security()
         except (ValueError, RuntimeError, OSError) as error:
@@ -456,7 +412,7 @@ class SpeculativeDetector(LifecycleNode):
             self._jump_handle = self.get_clock().create_jump_callback(
                 JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-max(
                     1, tolerance_ns)), on_clock_change=True), post_callback=self._on_time_jump)
-        if insecure and specs:
+        if security.credentials is None and specs:
             self.get_logger().warning(
                 'cloud.insecure is true: frames go to the cloud in PLAINTEXT, without TLS or '
                 'token; use this only for a server on this machine or a trusted network')
