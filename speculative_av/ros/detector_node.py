@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import functools
 from functools import partial
 import gc
-from pathlib import Path
 import signal
 import sys
 import traceback
@@ -25,7 +24,8 @@ from types import FrameType
 from typing import Any, Callable, cast, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import grpc
 import numpy as np
 import numpy.typing as npt
 from rcl_interfaces.msg import SetParametersResult
@@ -46,30 +46,32 @@ from speculative_av.cloud.dispatch import CloudDispatcher
 from speculative_av.cloud.endpoint import Endpoint, SERVING
 from speculative_av.cloud.endpoint_factory import open_endpoint
 from speculative_av.cloud.endpoints import EndpointSpec, parse_endpoints
-from speculative_av.cloud.security import ChannelSecurity
 from speculative_av.core.arbiter import Decision, FrameRecord
 from speculative_av.core.deadline import DeadlinePolicy
-from speculative_av.core.detections import Detections, label_mapping
+from speculative_av.core.detections import Detections
 from speculative_av.core.uplink import AdaptiveUplink
 from speculative_av.detectors.torchvision_detector import TORCH_BACKEND, TorchvisionDetector
 from speculative_av.engine.engine import (EngineSettings, FIXED_UPLINK, Frame, LOCAL_SOURCE,
                                           SpeculativeEngine)
-from speculative_av.engine.shadow import ShadowRunner, ShadowSettings
+from speculative_av.engine.shadow import ShadowRunner
 from speculative_av.fleet.model_manifest import (load_public_keys, ModelManifest,
                                                  verify_manifest)
 from speculative_av.fleet.model_updater import ModelUpdater
 from speculative_av.fleet.recorder import TriggerRecorder
 from speculative_av.fleet.released_model import load_released
-from speculative_av.fleet.snippets import SnippetStore
-from speculative_av.fleet.triggers import TriggerSettings
-from speculative_av.fleet.uploader import SnippetSource, SnippetUploader, UploaderSettings
+from speculative_av.fleet.snippets import SnippetEntry
+from speculative_av.fleet.uploader import SnippetUploader
+from speculative_av.ros.fleet_parameters import (declare_shadow_parameters,
+                                                 declare_trigger_parameters,
+                                                 declare_upload_parameters, shadow_runner,
+                                                 snippet_uploader, trigger_recorder,
+                                                 trigger_status, upload_security, upload_status)
 from speculative_av.ros.image_conversion import (compressed_msg_to_rgb, image_msg_to_rgb,
                                                  rgb_to_image_msg)
 from speculative_av.ros.messages import (decision_status, detections_msg, draw_debug_image,
                                          label_info_msg, model_update_status, shadow_status,
                                          source_status, summary_status)
 from speculative_av.ros.parameters import declare, declare_link_security, link_security
-from speculative_av.ros.trigger_parameters import declare_trigger_parameters, trigger_status
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
@@ -222,8 +224,8 @@ class SpeculativeDetector(LifecycleNode):
                 read_only=True, value_range=(0.0, 0.99))
         declare_link_security(self, 'cloud', 'server')
         declare_trigger_parameters(self)
-        self._declare_upload()
-        self._declare_shadow()
+        declare_upload_parameters(self)
+        declare_shadow_parameters(self)
         self.settings = self._settings_from({})  # what frames starting now get
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.engine: SpeculativeEngine[Image | CompressedImage, Header] | None = None
@@ -239,125 +241,8 @@ class SpeculativeDetector(LifecycleNode):
         self._trusted_keys: list[Ed25519PublicKey] = []
         self._diagnostics_timer: Timer | None = None
         self._recorder: TriggerRecorder | None = None
-        # Upload (issue 10): the trigger recorder's SnippetStore, set at configure when
-        # triggers are on; None = nothing to upload.
-        self._snippet_store: SnippetSource[Any] | None = None
-        self._uploader: SnippetUploader[Any] | None = None
-        self._upload_channel: Any = None
-
-    def _declare_upload(self) -> None:
-        """Declare the upload.* parameters: triggered snippets to the collector."""
-        declare(self, 'upload.enabled', False,
-                'Upload triggered snippets (needs triggers.enabled) to the snippet collector, '
-                'at the lowest priority: paused while detection calls are in flight.',
-                read_only=True)
-        declare(self, 'upload.target', 'localhost:50061',
-                "The collector as 'host:port' (snippet_collector).", read_only=True)
-        declare(self, 'upload.chunk_kb', 32,
-                'Chunk size; at most one chunk is sent after detection calls start.',
-                read_only=True, value_range=(1, 1024))
-        declare_link_security(self, 'upload', 'collector')
-
-    def _upload_security(self) -> ChannelSecurity | None:
-        """Return the collector link's security, None when upload is off (SecurityError)."""
-        if not self.get_parameter('upload.enabled').value:
-            return None
-        return link_security(self, 'upload')
-
-    def _start_upload(self, security: ChannelSecurity | None) -> None:
-        """Start the uploader when upload is on and triggers keep a snippet store."""
-        if security is None:
-            return
-        store = self._snippet_store
-        if store is None:
-            self.get_logger().warning('upload.enabled is true but triggers keep no snippets '
-                                      '(triggers.enabled false): nothing to upload')
-            return
-        insecure = security.credentials is None
-        target = self.get_parameter('upload.target').value
-        self._upload_channel = security.channel(target, [])
-        dispatcher = self._dispatcher
-        self._uploader = SnippetUploader(
-            store, self._upload_channel,
-            link_busy=(lambda: dispatcher.in_flight() > 0) if dispatcher else (lambda: False),
-            settings=UploaderSettings(chunk_bytes=self.get_parameter('upload.chunk_kb').value
-                                      << 10))
-        if dispatcher is not None:
-            dispatcher.add_idle_listener(self._uploader.link_changed)
-        self._uploader.start()
-        self.get_logger().info(f'uploading snippets to {target}'
-                               + (' in PLAINTEXT (upload.insecure)' if insecure else ''))
-
-    def _stop_upload(self) -> None:
-        if self._uploader is not None:
-            self._uploader.stop()
-            self._uploader = None
-        if self._upload_channel is not None:
-            self._upload_channel.close()
-            self._upload_channel = None
-
-    def _upload_status(self) -> DiagnosticStatus | None:
-        """Return the uploader's counters for /diagnostics (None when it is off)."""
-        if self._uploader is None:
-            return None
-        stats = vars(self._uploader.stats())
-        return DiagnosticStatus(
-            level=DiagnosticStatus.OK, name=f'{self.get_name()}: upload',
-            message=f"{stats['uploaded']} uploaded, {stats['duplicates']} duplicate(s)",
-            values=[KeyValue(key=k, value=f'{v:.3f}' if isinstance(v, float) else str(v))
-                    for k, v in stats.items()])
-
-    def _declare_shadow(self) -> None:
-        """Declare the shadow.* group: a candidate model compared beside the deployed one."""
-        declare(self, 'shadow.enabled', False,
-                'Run a candidate local model in shadow mode: on some frames, beside the '
-                'deployed one, never touching the fused output; its agreement with the deployed '
-                'and the cloud results per estimated day/dusk/night goes on /diagnostics.',
-                read_only=True)
-        declare(self, 'shadow.model', '',
-                "torchvision architecture of the candidate ('' = local.model).", read_only=True)
-        declare(self, 'shadow.weights', '',
-                "The candidate's weights: a checkpoint path or 'DEFAULT' ('' = local.weights; "
-                "'random' for tests only).", read_only=True)
-        declare(self, 'shadow.every_nth', 4,
-                'Offer the candidate every Nth frame with a local result (1 = every frame).',
-                read_only=True, value_range=(1, 1_000_000))
-        declare(self, 'shadow.cpu_share', 0.25,
-                "Most of one core's wall time the candidate may use (1.0 = no limit); frames "
-                'beyond it are skipped, counted as skipped_budget.', read_only=True,
-                value_range=(0.01, 1.0))
-        declare(self, 'shadow.iou', 0.5,
-                'Boxes of one class overlapping this much are the same object when comparing.',
-                read_only=True, value_range=(0.01, 1.0))
-        declare(self, 'shadow.min_score', 0.5,
-                'Detections scoring below this are left out of the comparison.',
-                read_only=True, value_range=(0.0, 1.0))
-
-    def _open_shadow(self, deployed: TorchvisionDetector) -> ShadowRunner | None:
-        """Load and warm up the candidate when shadow mode is on (ValueError/OSError if not)."""
-        if not self.get_parameter('shadow.enabled').value:
-            return None
-        candidate = TorchvisionDetector(
-            self.get_parameter('shadow.model').value or self.get_parameter('local.model').value,
-            self.get_parameter('shadow.weights').value
-            or self.get_parameter('local.weights').value,
-            self.get_parameter('local.device').value,
-            self.get_parameter('local.score_threshold').value)
-        candidate.detect(np.zeros((480, 640, 3), np.uint8))
-        settings = ShadowSettings(
-            every_nth=self.get_parameter('shadow.every_nth').value,
-            cpu_share=self.get_parameter('shadow.cpu_share').value,
-            iou=self.get_parameter('shadow.iou').value,
-            min_score=self.get_parameter('shadow.min_score').value)
-        self.get_logger().info(
-            f'shadow mode: candidate {candidate.model_name} ({candidate.model_version}), every '
-            f'{settings.every_nth} frame(s), within {settings.cpu_share:.0%} of a core')
-        # By name only when the label maps differ: COCO's repeats 'N/A', which names cannot map.
-        label_map = (None if candidate.categories == deployed.categories
-                     else label_mapping(candidate.categories, deployed.categories))
-        return ShadowRunner(candidate, settings,
-                            name=f'{candidate.model_name}:{candidate.model_version}',
-                            label_map=label_map, logger=self.get_logger())
+        self._uploader: SnippetUploader[SnippetEntry] | None = None
+        self._upload_channel: grpc.Channel | None = None
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -389,8 +274,8 @@ class SpeculativeDetector(LifecycleNode):
             _check_cameras(self.get_parameter('cameras').value,
                            self.get_parameter('image_transport').value)
             security = link_security(self, 'cloud')
-            self._recorder = self._trigger_recorder(self._detector.categories)
-            upload_security = self._upload_security()
+            self._recorder = trigger_recorder(self, self._detector.categories)
+            uploading = upload_security(self)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -398,7 +283,7 @@ class SpeculativeDetector(LifecycleNode):
         # Pay the first-inference cost (allocations, kernel selection) before frames count.
         detector.detect(np.zeros((480, 640, 3), np.uint8))
         try:
-            self._shadow = self._open_shadow(detector)
+            self._shadow = shadow_runner(self, detector)
         except (ValueError, RuntimeError, OSError) as error:
             self.get_logger().error(f'configure failed: shadow candidate: {error}')
             return TransitionCallbackReturn.FAILURE
@@ -460,34 +345,13 @@ class SpeculativeDetector(LifecycleNode):
         # Health is reported in real time, also while a replay's /clock is paused or absent.
         self._diagnostics_timer = self.create_timer(
             1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
-        self._snippet_store = self._recorder.store if self._recorder is not None else None
-        self._start_upload(upload_security)
+        if uploading is not None and self._recorder is None:
+            self.get_logger().warning('upload.enabled is true but triggers keep no snippets '
+                                      '(triggers.enabled false): nothing to upload')
+        elif uploading is not None and self._recorder is not None:
+            self._uploader, self._upload_channel = snippet_uploader(
+                self, uploading, self._recorder.store, self._dispatcher)
         return TransitionCallbackReturn.SUCCESS
-
-    def _trigger_recorder(self, categories: list[str]) -> TriggerRecorder | None:
-        """Return the started recorder of triggered frames the triggers.* parameters ask for."""
-        def value(name: str) -> Any:
-            return self.get_parameter(f'triggers.{name}').value
-
-        if not value('enabled'):
-            return None
-        settings = TriggerSettings(
-            disagreement=value('disagreement'),
-            disagreement_classes=tuple(c for c in value('disagreement_classes') if c),
-            iou=value('iou'), min_score=value('min_score'),
-            low_confidence=value('low_confidence'),
-            classes_of_interest=tuple(c for c in value('classes_of_interest') if c),
-            deadline_miss=value('deadline_miss'), max_per_minute=value('max_per_minute'),
-            burst=value('burst'))
-        store = SnippetStore(Path(value('directory')).expanduser(),
-                             round(value('budget_mb') * 1024 * 1024))
-        recorder = TriggerRecorder(settings, store, categories, queue_size=value('queue_size'),
-                                   jpeg_quality=value('jpeg_quality'), logger=self.get_logger())
-        recorder.start()
-        self.get_logger().info(f'triggers on: snippets in {store.directory} '
-                               f'({store.bytes_on_disk / 1e6:.1f} of '
-                               f'{store.budget_bytes / 1e6:.0f} MB used)')
-        return recorder
 
     @_logged
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -560,7 +424,12 @@ class SpeculativeDetector(LifecycleNode):
             self.engine.stop('node shutting down')
         if self._recorder is not None:  # after the engine: its last settled frames still count
             self._recorder.stop()
-        self._stop_upload()
+        if self._uploader is not None:  # ends after the chunk in flight; the collector keeps it
+            self._uploader.stop()
+            self._uploader = None
+        if self._upload_channel is not None:
+            self._upload_channel.close()
+            self._upload_channel = None
         if self._shadow is not None:
             self._shadow.stop()
         if self._dispatcher is not None:
@@ -736,9 +605,8 @@ class SpeculativeDetector(LifecycleNode):
         statuses.append(summary_status(self.get_name(), counters, self.failed))
         if self._recorder is not None:
             statuses.append(trigger_status(self.get_name(), self._recorder))
-        upload = self._upload_status()
-        if upload is not None:
-            statuses.append(upload)
+        if self._uploader is not None:
+            statuses.append(upload_status(self.get_name(), self._uploader))
         if self._shadow is not None:
             statuses.append(shadow_status(self.get_name(), self._shadow.name,
                                           self._shadow.snapshot(), self._shadow.fatal))
