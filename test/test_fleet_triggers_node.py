@@ -1,7 +1,12 @@
-"""Triggers in the real node: triggered frames land on disk as snippets, on /diagnostics too."""
+"""
+Triggers in the real node: triggered frames land on disk as snippets, on /diagnostics too.
+
+With upload on, they reach a real collector process while the detection calls go on.
+"""
+import hashlib
 import json
 
-from ros_harness import running, wait_until
+from ros_harness import python_module, running, wait_until
 from speculation_rig import camera_command, cloud_server, detector, free_port, observer
 from speculative_av.core.image_decoding import decode_rgb
 from speculative_av.fleet.snippets import read_snippet
@@ -55,3 +60,36 @@ def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_
             assert len(cloud.detections) == len(snippet.cloud)
             compared += 1
     assert compared >= 1
+
+
+def test_triggered_snippets_are_uploaded_to_a_collector_while_frames_stream(tmp_path):
+    port, collector_port = free_port(), free_port()
+    store, root = tmp_path / 'snippets', tmp_path / 'collector'
+    params = {'deadline_ms': 1000.0, 'cloud.endpoints': f'["127.0.0.1:{port}"]',
+              'cloud.jpeg_quality': 30, 'triggers.enabled': True,
+              'triggers.directory': str(store), 'triggers.min_score': 0.05,
+              'triggers.max_per_minute': 60.0, 'triggers.burst': 3, 'upload.enabled': True,
+              'upload.target': f'127.0.0.1:{collector_port}', 'upload.insecure': True,
+              'upload.chunk_kb': 16}
+    collector = python_module('speculative_av.cloud.collector', '--root', str(root), '--host',
+                              '127.0.0.1', '--port', str(collector_port), '--insecure',
+                              '--min-free-mb', '16')
+    with observer() as observed, cloud_server(port), running(collector), \
+            detector(**params), running(camera_command(rate_hz=3.0)):
+        wait_until(lambda: observed.diagnostics and 'upload' in observed.diagnostics[-1]
+                   and int(observed.diagnostics[-1]['upload']['uploaded']) >= 3, 90,
+                   'three snippets uploaded')
+        uploaded = observed.diagnostics[-1]['upload']
+        frames = observed.diagnostics[-1]['speculation']
+    print({k: uploaded[k] for k in ('uploaded', 'chunks', 'bytes_sent', 'pauses', 'failures')})
+    assert uploaded['failures'] == '0' and uploaded['rejected'] == '0'
+    assert int(uploaded['chunks']) > int(uploaded['uploaded'])  # 16 KiB chunks: several each
+    assert int(frames['frame_errors']) == 0
+    index = {json.loads(line)['sha256']: json.loads(line)
+             for line in (store / 'index.jsonl').read_text().splitlines()}
+    stored = sorted((root / 'snippets').glob('*.mcap'))
+    assert len(stored) >= int(uploaded['uploaded'])
+    for path in stored:  # each collected file is a vehicle snippet, intact, under its hash
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest == path.stem and digest in index
+        assert read_snippet(path).stamp_ns == index[digest]['stamp_ns']
