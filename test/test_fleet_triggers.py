@@ -293,13 +293,14 @@ def test_recorder_writes_triggered_frames_with_both_results_and_the_decision(tmp
     assert rec.offer('front', 5 * MS, 'cam', RGB, record(dets(CAR_BOX), dets(CAR_BOX)),
                      ['cloud'], 'ssd:1') == []
     assert rec.offer('front', 5 * MS, 'cam', RGB, record(dets(), dets(CAR_BOX)), ['cloud'],
-                     'ssd:1') == [CLOUD_ONLY_OBJECT]
+                     'ssd:1', {'cloud': 'frcnn:7', 'edge': 'other:1'}) == [CLOUD_ONLY_OBJECT]
     rec.stop()
     assert rec.counters['triggered'] == rec.counters['written'] == 1
     (entry,) = rec.store.entries()
     back = read_snippet(entry.path)
     assert back.winner == 'cloud' and not back.late and back.reasons == (CLOUD_ONLY_OBJECT,)
-    assert back.local_model == 'ssd:1' and back.cloud_model == 'cloud' and len(back.local) == 0
+    assert back.local_model == 'ssd:1' and back.cloud_model == 'cloud frcnn:7'
+    assert len(back.local) == 0
     assert back.cloud is not None and len(back.cloud) == 1
     assert back.jpeg.startswith(b'\xff\xd8')
 

@@ -52,7 +52,8 @@ def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_
         assert snippet.cloud is not None and snippet.winner == 'cloud' and not snippet.late
         assert set(snippet.reasons) & {CLOUD_ONLY_OBJECT, LOCAL_ONLY_OBJECT}
         assert snippet.local_model == 'ssdlite320_mobilenet_v3_large:random'
-        assert snippet.cloud_model == 'cloud' and snippet.categories[1] == 'person'
+        assert snippet.cloud_model == 'cloud ssdlite320_mobilenet_v3_large:random'
+        assert snippet.categories[1] == 'person'
         local, cloud = (local_published.get(snippet.stamp_ns),
                         cloud_published.get(snippet.stamp_ns))
         if local is not None and cloud is not None:  # both topics matched by then

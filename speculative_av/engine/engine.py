@@ -129,6 +129,7 @@ class Frame(Generic[Context]):
     calls: dict[str, Call] = field(default_factory=dict)
     request_bytes: int = 0  # of the encoded frame sent to the cloud (0: not sent)
     local_model: str = ''  # name:version of the local model that answered it ('' until then)
+    cloud_models: dict[str, str] = field(default_factory=dict)  # endpoint -> name:version
 
     @property
     def deadline_ms(self) -> float:
@@ -601,6 +602,7 @@ class SpeculativeEngine(Generic[Raw, Context]):
             self._learn(frame.request_bytes, reply)
         if reply.ok:
             if frame is not None:
+                frame.cloud_models[reply.endpoint] = f'{reply.model_name}:{reply.model_version}'
                 self._sink.cloud(frame, reply.endpoint, reply.detections)
             self._apply(partial(self._arrive, key, reply.endpoint, reply.detections))
         elif reply.error.startswith('CANCELLED'):

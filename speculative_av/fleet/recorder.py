@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import threading
 import time
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -81,17 +81,21 @@ class TriggerRecorder:
 
     def offer(self, camera: str, stamp_ns: int, frame_id: str,
               rgb: npt.NDArray[np.uint8] | None, record: FrameRecord,
-              cloud_sources: Sequence[str], local_model: str) -> list[str]:
+              cloud_sources: Sequence[str], local_model: str,
+              cloud_models: Mapping[str, str] | None = None) -> list[str]:
         """
         Evaluate a settled frame; queue it for writing if it triggers. Return its reasons.
 
         Called under the engine's lock: no encoding, no I/O, no waiting here. ``rgb`` None (the
-        image was not kept) is counted as ``no_image``.
+        image was not kept) is counted as ``no_image``. ``cloud_models`` names the model each
+        endpoint answered with (``Frame.cloud_models``); the snippet records the answering one.
         """
         local_attempt = record.attempts.get('local')
         local = (local_attempt.detections if local_attempt is not None
                  and local_attempt.detections is not None else Detections.empty())
-        cloud_name, cloud = record.cloud_answer(cloud_sources)
+        endpoint, cloud = record.cloud_answer(cloud_sources)
+        model = (cloud_models or {}).get(endpoint)
+        cloud_model = f'{endpoint} {model}' if model else endpoint
         reasons = self.rules.reasons(local, cloud, cloud_missed_deadline(record, cloud_sources))
         if not reasons:
             return reasons
@@ -106,7 +110,7 @@ class TriggerRecorder:
             return reasons
         decision = record.decision
         pending = _Pending(camera, stamp_ns, frame_id, rgb, local, cloud, decision.winner or '',
-                           decision.late, tuple(reasons), local_model, cloud_name)
+                           decision.late, tuple(reasons), local_model, cloud_model)
         with self._ready:
             if len(self._queue) >= self._queue_size:
                 self.counters['queue_full'] += 1

@@ -67,7 +67,7 @@ class Snippet:
     late: bool
     reasons: tuple[str, ...]
     local_model: str  # name:version of the vehicle's model
-    cloud_model: str  # the cloud endpoint that answered ('' if none)
+    cloud_model: str  # the endpoint that answered and its model, 'cloud name:version' ('' if none)
     categories: tuple[str, ...]  # the label map class ids index
 
 

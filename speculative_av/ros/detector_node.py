@@ -562,7 +562,7 @@ class SpeculativeDetector(LifecycleNode):
                                                 self.engine.sources[1:], frame.local_model))
         if self._recorder is not None:
             self._recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id, frame.rgb, record,
-                                 self.engine.sources[1:], frame.local_model)
+                                 self.engine.sources[1:], frame.local_model, frame.cloud_models)
         if self._shadow is not None:
             self._shadow.settled((frame.camera, frame.stamp_ns),
                                  record.cloud_answer(self.engine.sources[1:])[1])

@@ -105,7 +105,8 @@ def mine(args: argparse.Namespace, store: SnippetStore, deployed: TorchvisionDet
             def on_settled(frame: Frame[None], record: FrameRecord) -> None:
                 clock_s[0] = frame.stamp_ns / 1e9
                 recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id,
-                               images[frame.stamp_ns], record, ['cloud'], model)
+                               images[frame.stamp_ns], record, ['cloud'], model,
+                               frame.cloud_models)
 
             recorder.start()
             result = simulate_drive(frames, server, NetworkModel(profile, seed), settings,
