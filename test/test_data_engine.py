@@ -54,6 +54,9 @@ def test_a_small_loop_mines_uploads_curates_trains_and_gates(tmp_path, capsys):
     assert candidate['iterations'] == 2 and candidate['architecture'] == data_engine.LOCAL_MODEL
     gate = steps['gate']
     assert not gate['accepted'] and 'boxes in total' in gate['reasons'][0]
+    control = torch.load(out / 'cloud' / 'control_generated_only.pt', weights_only=True)
+    assert control['iterations'] == 2 and control['dataset_images_seen'] == 0
+    assert steps['control']['frames'] == gate['frames']  # the same gate drives
     assert 'swap' not in steps and 'drive_b' not in steps
     report = (out / 'report.md').read_text()
     assert '| gate | REJECTED' in report and '| total |' in report

@@ -149,15 +149,23 @@ def upload(store: SnippetStore, target: str, timeout_s: float) -> dict[str, Any]
     return {'snippets': pending, 'seconds': round(time.monotonic() - started, 2), **stats}
 
 
-def fine_tune(args: argparse.Namespace, dataset: Path, out: Path) -> dict[str, Any]:
-    """Fine-tune the deployed model on the curated set; return the checkpoint's metadata."""
-    budget = (['--iterations', str(args.train_iterations)] if args.train_iterations
+def fine_tune(args: argparse.Namespace, dataset: Path | None, out: Path,
+              iterations: int = 0) -> dict[str, Any]:
+    """
+    Fine-tune the deployed model; return the checkpoint's metadata.
+
+    With ``dataset``, half of each batch (``--mix-generated``) comes from it; without, every
+    image is a generated scene (the control). ``iterations`` (0: the command line's budget)
+    fixes the length, so the control trains exactly as long as the candidate did.
+    """
+    iterations = iterations or args.train_iterations
+    budget = (['--iterations', str(iterations)] if iterations
               else ['--minutes', str(args.train_minutes)])
+    data = ([] if dataset is None
+            else ['--dataset', str(dataset), '--mix-generated', str(args.mix_generated)])
     return train.run([
-        '--init', str(args.deployed), '--dataset', str(dataset),
-        '--mix-generated', str(args.mix_generated), *budget,
-        '--batch-size', '8', '--lr', str(args.lr), '--eval-scenes', '20',
-        '--threads', str(args.threads), '--out', str(out)])
+        '--init', str(args.deployed), *data, *budget, '--batch-size', '8', '--lr', str(args.lr),
+        '--eval-scenes', '20', '--threads', str(args.threads), '--out', str(out)])
 
 
 def ship(candidate: Path, version: str, keys: Path) -> tuple[Path, Path]:
@@ -291,6 +299,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--mix-generated', type=float, default=0.5,
                         help='share of each batch from generated scenes with ground truth')
     parser.add_argument('--lr', type=float, default=5e-4)
+    parser.add_argument('--control', action=argparse.BooleanOptionalAction, default=True,
+                        help='also train a control as long on generated scenes only and compare '
+                             'it with the candidate on the gate drives')
     parser.add_argument('--gate-per-period', type=int, default=8)
     parser.add_argument('--gate-frames', type=int, default=15)
     parser.add_argument('--tolerance', type=float, default=conditions.DEFAULT_TOLERANCE)
@@ -358,7 +369,18 @@ def write_report(out: Path, steps: dict[str, Any]) -> Path:
                   f"| live triggers and upload | {swap['trigger_status'].get('written', '?')} "
                   f"snippets written, {swap['upload_status'].get('uploaded', '?')} uploaded "
                   'while detection calls ran |']
+    control = steps.get('control')
+    if control is not None:
+        total = control['rows'][0]
+        lines += ['| control: as long on generated scenes only | gate-drive mAP '
+                  f"{total['before']:.3f}; the candidate with the mined frames "
+                  f"{total['after']:.3f} ({total['change']:+.3f}) |"]
     lines += ['', '## Gate: held-out drives per condition', '', *condition_table(gate)]
+    if control is not None:
+        lines += ['', '## Control: the mined frames against as much training without them', '',
+                  'The same fine-tuning, as many iterations, every image a generated scene with '
+                  'exact ground truth ("deployed" column) vs the candidate:', '',
+                  *condition_table(control)]
     drive_b = steps.get('drive_b')
     if drive_b is not None:
         total = drive_b['rows'][0]
@@ -404,11 +426,18 @@ def main(argv: list[str] | None = None) -> int:
         metadata = fine_tune(args, dataset.directory, candidate)
         steps['train'] = {k: metadata[k] for k in ('train_seconds', 'iterations', 'images_seen',
                                                    'dataset_images_seen', 'heldout_metrics')}
-        gate_report = run_gate(args.deployed, candidate, GateSettings(conditions.HeldoutDrives(
+        gate_settings = GateSettings(conditions.HeldoutDrives(
             conditions.heldout_drive_seeds(args.gate_per_period), frames=args.gate_frames),
-            tolerance=args.tolerance))
+            tolerance=args.tolerance)
+        gate_report = run_gate(args.deployed, candidate, gate_settings)
         write_gate(args.out / 'gate', gate_report)
         steps['gate'] = gate_report.as_dict()
+        if args.control:  # what the same training without the mined frames would have done
+            control = args.out / 'cloud' / 'control_generated_only.pt'
+            fine_tune(args, None, control, iterations=metadata['iterations'])
+            control_report = run_gate(control, candidate, gate_settings)
+            write_gate(args.out / 'control', control_report)
+            steps['control'] = control_report.as_dict()
         if gate_report.verdict.accepted:
             manifest, public_key = ship(candidate, time.strftime('%Y.%m.%d-%H%M%S'),
                                         args.out / 'keys')
