@@ -362,10 +362,11 @@ def write_report(out: Path, steps: dict[str, Any]) -> Path:
                   f"{swap['received']} received, {swap['fused']} fused, {swap['late']} late, "
                   f"{swap['dropped']} dropped; frames per local model: {models} |",
                   '| shadow mode, until the swap | candidate vs deployed / vs cloud agreement: '
-                  + ', '.join(f"{p} {shadow.get(f'{p}_agreement_deployed', '–')} / "
-                              f"{shadow.get(f'{p}_agreement_cloud', '–')} "
-                              f"({shadow.get(f'{p}_frames', 0)} frames)"
-                              for p in ('day', 'dusk', 'night')) + ' |',
+                  + (', '.join(f"{p} {shadow[f'{p}_agreement_deployed']} / "
+                               f"{shadow[f'{p}_agreement_cloud']} ({shadow[f'{p}_frames']} frames)"
+                               for p in ('day', 'dusk', 'night')
+                               if int(shadow.get(f'{p}_frames', 0)))
+                     or 'no frame compared') + ' (periods estimated from the image) |',
                   f"| live triggers and upload | {swap['trigger_status'].get('written', '?')} "
                   f"snippets written, {swap['upload_status'].get('uploaded', '?')} uploaded "
                   'while detection calls ran |']
