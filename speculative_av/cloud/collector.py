@@ -20,11 +20,9 @@ import contextlib
 import itertools
 import logging
 from pathlib import Path
-import signal
 import sys
 import threading
 import time
-from types import FrameType
 from typing import Callable, Iterator, NoReturn, Protocol, TextIO
 
 import grpc
@@ -37,6 +35,7 @@ from speculative_av.cloud import collector_pb2_grpc
 from speculative_av.cloud.collector_store import (CollectorStore, Refusal, StoreLimits,
                                                   UploadRefused)
 from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
+from speculative_av.cloud.server_process import positive_int, start_process
 
 _LOG = logging.getLogger('snippet_collector')
 
@@ -241,11 +240,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--root', required=True, help='directory of the store (created)')
     parser.add_argument('--host', default='0.0.0.0')
     parser.add_argument('--port', type=int, default=50061, help='0 picks a free port')
-    parser.add_argument('--max-snippet-mb', type=_positive_int, default=64,
+    parser.add_argument('--max-snippet-mb', type=positive_int, default=64,
                         help='largest snippet accepted')
-    parser.add_argument('--max-chunk-kb', type=_positive_int, default=1024,
+    parser.add_argument('--max-chunk-kb', type=positive_int, default=1024,
                         help='largest chunk; a larger message is refused before decoding')
-    parser.add_argument('--max-uploads', type=_positive_int, default=16,
+    parser.add_argument('--max-uploads', type=positive_int, default=16,
                         help='concurrent upload streams; more answer RESOURCE_EXHAUSTED')
     parser.add_argument('--min-free-mb', type=int, default=1024,
                         help='refuse uploads that would leave less free disk than this')
@@ -257,26 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the collector until SIGTERM or SIGINT."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        _LOG.info('%s received, shutting down', signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = start_process(args.log_level, _LOG)
     return serve(args, stop, sys.stdout)
 
 

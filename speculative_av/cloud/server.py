@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-from types import FrameType
 from typing import Callable, NoReturn, Protocol, TextIO, TypeVar
 
 from google.protobuf.message import DecodeError, Message  # type: ignore[import-untyped]
@@ -40,6 +39,7 @@ from speculative_av.cloud.scheduler import (
     BatchScheduler, DeadlineQueue, InferenceEstimate, NO_DEADLINE, POLICIES, Status)
 from speculative_av.cloud.security import add_server_arguments, SecurityError, ServerSecurity
 from speculative_av.cloud.server_metrics import ServerMetrics
+from speculative_av.cloud.server_process import positive_int, start_process
 from speculative_av.core.detections import Detections
 from speculative_av.detectors.torchvision_detector import (BACKENDS, detection_models,
                                                            TorchvisionDetector)
@@ -517,22 +517,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--host', default='0.0.0.0')
     parser.add_argument('--port', type=int, default=50051, help='0 picks a free port')
     parser.add_argument('--max-message-mb', type=int, default=16)
-    parser.add_argument('--concurrency', type=_positive_int, default=1,
+    parser.add_argument('--concurrency', type=positive_int, default=1,
                         help='inferences (batches) run at the same time')
     parser.add_argument('--scheduling', choices=POLICIES, default='deadline',
                         help='deadline: earliest deadline first, hopeless requests refused at '
                              'once; fifo: first in, first out (the behaviour before issue 8)')
-    parser.add_argument('--max-batch-size', type=_positive_int, default=1,
+    parser.add_argument('--max-batch-size', type=positive_int, default=1,
                         help='requests inferred in one forward pass')
     parser.add_argument('--max-queue-delay-ms', type=_non_negative_float, default=0.0,
                         help='longest wait for a batch to fill (never past a deadline)')
-    parser.add_argument('--max-queue', type=_positive_int, default=16,
+    parser.add_argument('--max-queue', type=positive_int, default=16,
                         help='requests waiting for inference; beyond: RESOURCE_EXHAUSTED')
     parser.add_argument('--metrics-port', type=int, default=-1,
                         help='Prometheus /metrics port: -1 none, 0 a free one (logged)')
     parser.add_argument('--extra-latency-ms', type=float, default=0.0,
                         help='delay every reply, emulating a distant data center')
-    parser.add_argument('--threads', type=_positive_int, default=None, help='torch CPU threads')
+    parser.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads')
     parser.add_argument('--backend', choices=BACKENDS, default=BACKENDS[0],
                         help="what runs the model: eager 'torch' or 'onnxruntime' (exported once, "
                         'cached)')
@@ -559,26 +559,10 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM or SIGINT."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        _LOG.info('%s received, shutting down', signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = start_process(args.log_level, _LOG)
     reload = None
     if args.model_manifest:
         reload = threading.Event()
