@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 from speculative_av.fleet.snippets import read_snippet
@@ -20,10 +21,13 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
+def own_process_state():
+    """Give back the torch threads and the ROS environment the loop sets for itself."""
+    threads, environ = torch.get_num_threads(), dict(os.environ)
     yield
     torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def test_a_small_loop_mines_uploads_curates_trains_and_gates(tmp_path, capsys):

@@ -18,6 +18,17 @@ def _stamp_ns(msg: Detection2DArray) -> int:
     return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
 
 
+def _kept_and_seen(store, observed) -> bool:
+    """Return whether a kept frame's local and cloud results were both seen published."""
+    index = store / 'index.jsonl'
+    if not index.exists():
+        return False
+    kept = {json.loads(line)['stamp_ns'] for line in index.read_text().splitlines()}
+    seen = ({_stamp_ns(m) for m, _ in observed.local}
+            & {_stamp_ns(m) for m, _ in observed.cloud})
+    return bool(kept & seen)
+
+
 def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_path):
     port = free_port()
     store = tmp_path / 'snippets'
@@ -29,10 +40,13 @@ def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_
               'triggers.max_per_minute': 6.0, 'triggers.burst': 2}
     with observer() as observed, cloud_server(port), detector(**params), \
             running(camera_command(rate_hz=3.0)):
+        # The first frames may come before the observer matched detections/local and /cloud:
+        # wait until one kept frame's results were also seen on both topics.
         wait_until(lambda: observed.diagnostics and 'triggers' in observed.diagnostics[-1]
                    and int(observed.diagnostics[-1]['triggers']['written']) >= 2
-                   and int(observed.diagnostics[-1]['triggers']['rate_limited']) >= 1, 90,
-                   'two snippets written and a triggered frame rate limited')
+                   and int(observed.diagnostics[-1]['triggers']['rate_limited']) >= 1
+                   and _kept_and_seen(store, observed), 90,
+                   'two snippets written, a triggered frame rate limited, a kept frame seen')
     counters = observed.diagnostics[-1]['triggers']
     print({k: counters[k] for k in ('triggered', 'rate_limited', 'written', 'bytes_on_disk',
                                     'queue_full', 'write_errors')})
