@@ -572,6 +572,8 @@ class SpeculativeEngine(Generic[Raw, Context]):
 
     def _passed_probation(self, model: LocalModel, frames: int) -> None:
         """Count frames the current model answered; past probation, let the previous go."""
+        if self._previous_model is None:  # no probation: nothing to count (the usual batch)
+            return
         with self.lock:
             if self._previous_model is not None and self._model is model:
                 self._probation_frames -= frames

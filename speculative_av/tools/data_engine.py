@@ -51,12 +51,12 @@ from speculative_av.scenes import CATEGORIES, render_drive
 from speculative_av.tools import conditions, train
 from speculative_av.tools.curate import curate, CurateSettings, snippet_files
 from speculative_av.tools.demo import Processes, wait_for, Watcher
+from speculative_av.tools.evaluate import measure_local, RecordedFrame
 from speculative_av.tools.gate import GateSettings, run_gate, write_report as write_gate
 from speculative_av.tools.make_recording import make_recording
 from speculative_av.tools.model_release import keygen
 from speculative_av.tools.ros_isolation import fastdds_shm_files, isolate, remove_stale_shm
-from speculative_av.tools.simulated_drive import DriveFrame, simulate_drive, SimulatedServer
-from tqdm import tqdm
+from speculative_av.tools.simulated_drive import simulate_drive, SimulatedServer
 
 # Drive seeds of each step, apart from each other, from training scenes (< 1e9), the held-out
 # scenes (1e9 on) and the gate's held-out drives (conditions.HELDOUT_DRIVE_SEED_BASE on).
@@ -95,42 +95,30 @@ def mine(args: argparse.Namespace, store: SnippetStore, deployed: TorchvisionDet
     seeds = conditions.heldout_drive_seeds(args.mining_drives_per_period, MINING_DRIVE_SEED_BASE)
     winners: dict[str, int] = {}
     frames_total = 0
-    with tqdm(total=len(seeds) * args.mining_frames, desc='drive A (mining)', unit='frame',
-              file=sys.stderr) as bar:
-        for index, seed in enumerate(seeds):
-            frames = _drive_frames(seed, args.mining_frames, deployed,
-                                   index * DRIVE_GAP_NS, bar)
-            images = {frame.stamp_ns: frame.rgb for frame in frames}
+    for index, seed in enumerate(seeds):
+        print(f'drive A {index + 1}/{len(seeds)}: drive {seed}', file=sys.stderr)
+        frames = measure_local([
+            RecordedFrame(START_NS + index * DRIVE_GAP_NS + k * 100_000_000, k / 10, scene.image,
+                          scene.ground_truth())
+            for k, scene in enumerate(render_drive(seed, args.mining_frames))], deployed)
+        images = {frame.stamp_ns: frame.rgb for frame in frames}
 
-            def on_settled(frame: Frame[None], record: FrameRecord) -> None:
-                clock_s[0] = frame.stamp_ns / 1e9
-                recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id,
-                               images[frame.stamp_ns], record, ['cloud'], model,
-                               frame.cloud_models)
+        def on_settled(frame: Frame[None], record: FrameRecord) -> None:
+            clock_s[0] = frame.stamp_ns / 1e9
+            recorder.offer(frame.camera, frame.stamp_ns, frame.frame_id,
+                           images[frame.stamp_ns], record, ['cloud'], model,
+                           frame.cloud_models)
 
-            recorder.start()
-            result = simulate_drive(frames, server, NetworkModel(profile, seed), settings,
-                                    on_settled=on_settled)
-            recorder.stop()  # writes what is queued
-            for outcome in result.frames.values():
-                assert outcome.decision is not None
-                winner = outcome.decision.winner or 'none'
-                winners[winner] = winners.get(winner, 0) + 1
-            frames_total += len(frames)
+        recorder.start()
+        result = simulate_drive(frames, server, NetworkModel(profile, seed), settings,
+                                on_settled=on_settled)
+        recorder.stop()  # writes what is queued
+        for outcome in result.frames.values():
+            assert outcome.decision is not None
+            winner = outcome.decision.winner or 'none'
+            winners[winner] = winners.get(winner, 0) + 1
+        frames_total += len(frames)
     return MiningResult(frames_total, winners, recorder.snapshot(), time.monotonic() - started)
-
-
-def _drive_frames(seed: int, count: int, local: TorchvisionDetector, offset_ns: int,
-                  bar: tqdm) -> list[DriveFrame]:
-    """Render drive ``seed`` at 10 Hz and run the local model on it, timing each inference."""
-    frames = []
-    for index, scene in enumerate(render_drive(seed, count)):
-        begun = time.perf_counter()
-        detections = local.detect(scene.image)
-        frames.append(DriveFrame(START_NS + offset_ns + index * 100_000_000, scene.image,
-                                 detections, time.perf_counter() - begun))
-        bar.update()
-    return frames
 
 
 def upload(store: SnippetStore, target: str, timeout_s: float) -> dict[str, Any]:
