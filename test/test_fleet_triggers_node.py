@@ -38,15 +38,18 @@ def test_disagreeing_frames_are_kept_with_image_results_decision_and_reason(tmp_
               'cloud.jpeg_quality': 30, 'triggers.enabled': True,
               'triggers.directory': str(store), 'triggers.min_score': 0.05,
               'triggers.max_per_minute': 6.0, 'triggers.burst': 2}
-    with observer() as observed, cloud_server(port), detector(**params), \
-            running(camera_command(rate_hz=3.0)):
-        # The first frames may come before the observer matched detections/local and /cloud:
-        # wait until one kept frame's results were also seen on both topics.
-        wait_until(lambda: observed.diagnostics and 'triggers' in observed.diagnostics[-1]
-                   and int(observed.diagnostics[-1]['triggers']['written']) >= 2
-                   and int(observed.diagnostics[-1]['triggers']['rate_limited']) >= 1
-                   and _kept_and_seen(store, observed), 90,
-                   'two snippets written, a triggered frame rate limited, a kept frame seen')
+    with observer() as observed, cloud_server(port), detector(**params):
+        with running(camera_command(rate_hz=3.0)):
+            # The first frames may come before the observer matched detections/local and
+            # /cloud: wait until one kept frame's results were also seen on both topics.
+            wait_until(lambda: observed.diagnostics and 'triggers' in observed.diagnostics[-1]
+                       and int(observed.diagnostics[-1]['triggers']['written']) >= 2
+                       and int(observed.diagnostics[-1]['triggers']['rate_limited']) >= 1
+                       and _kept_and_seen(store, observed), 90,
+                       'two snippets written, a triggered frame rate limited, a kept frame seen')
+        # The camera stopped: wait until /diagnostics counts every snippet on disk.
+        wait_until(lambda: int(observed.diagnostics[-1]['triggers']['written']) == len(
+            (store / 'index.jsonl').read_text().splitlines()), 30, 'the counters to settle')
     counters = observed.diagnostics[-1]['triggers']
     print({k: counters[k] for k in ('triggered', 'rate_limited', 'written', 'bytes_on_disk',
                                     'queue_full', 'write_errors')})
